@@ -1,0 +1,5 @@
+import sys
+
+from dlmjax.cli import main
+
+sys.exit(main())

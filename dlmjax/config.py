@@ -1,0 +1,359 @@
+"""Run configuration: frozen dataclasses, loaded from YAML plus `section.key=value` overrides.
+
+One loader (`load_config`) turns files and overrides into a `Config` and validates every field and every
+cross-field rule once, so that the rest of the code can trust its inputs. Layers receive their own
+sub-config (`ModelConfig`, ...), never the whole run config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type, or inconsistent with another value."""
+
+
+def _check_choice(section: str, name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{section}.{name}={value!r} is not allowed; choose one of {sorted(allowed)}")
+
+
+def _check_positive(section: str, name: str, value, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{section}.{name}={value!r} must be {bound}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A bidirectional LLaDA/LLaMA-style transformer."""
+
+    arch: str = "llada"
+    vocab_size: int = 260
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0 means n_heads (no grouped-query attention)
+    mlp_hidden: int = 384
+    max_seq_len: int = 64
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    dtype: str = "float32"  # activations; norms, RoPE and logits stay float32
+    param_dtype: str = "float32"
+    attention_impl: str = "xla"
+    remat: bool = False
+    scan_layers: bool = False
+
+    def __post_init__(self):
+        s = "model"
+        _check_choice(s, "arch", self.arch, {"llada"})
+        _check_choice(s, "dtype", self.dtype, {"float32", "bfloat16"})
+        _check_choice(s, "param_dtype", self.param_dtype, {"float32", "bfloat16"})
+        _check_choice(s, "attention_impl", self.attention_impl, {"xla"})
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "max_seq_len"):
+            _check_positive(s, name, getattr(self, name))
+        _check_positive(s, "n_kv_heads", self.n_kv_heads, allow_zero=True)
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"model.d_model/model.n_heads={self.head_dim} must be even for rotary embeddings")
+        if self.num_kv_heads > self.n_heads or self.n_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"model.n_kv_heads={self.n_kv_heads} must divide model.n_heads={self.n_heads} (0 means n_heads)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiffusionConfig:
+    """The absorbing-state forward process and the training objective.
+
+    objective: `llada_sft` (prompt never masked, 1/p weight, normalised by answer length), `llada` (pre-training:
+    1/p weight, normalised by B*L) or `mdlm` (continuous-time NELBO with SUBS, normalised by valid tokens).
+    """
+
+    objective: str = "llada_sft"
+    schedule: str = "llada"
+    eps: float = 1e-3
+    antithetic: bool = True
+    mask_id: int = 259
+
+    def __post_init__(self):
+        _check_choice("diffusion", "objective", self.objective, {"llada_sft", "llada", "mdlm"})
+        _check_choice("diffusion", "schedule", self.schedule, {"linear", "loglinear", "cosine", "llada"})
+        if not 0.0 <= self.eps < 0.5:
+            raise ConfigError(f"diffusion.eps={self.eps} must be in [0, 0.5)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the tokens come from: a built-in procedurally generated task or local text files."""
+
+    kind: str = "task"
+    task: str = "addition"
+    digits: int = 3  # addition operands
+    text_path: str = ""  # a file, a folder or a glob, for kind=text
+    seq_len: int = 16
+    batch_size: int = 128
+    eval_size: int = 500
+    seed: int = 0
+
+    def __post_init__(self):
+        _check_choice("data", "kind", self.kind, {"task", "text"})
+        _check_choice("data", "task", self.task, {"addition", "sudoku"})
+        if self.kind == "text" and not self.text_path:
+            raise ConfigError("data.text_path is empty; data.kind=text needs a file, folder or glob")
+        for name in ("digits", "seq_len", "batch_size", "eval_size"):
+            _check_positive("data", name, getattr(self, name))
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    """AdamW with linear warmup and a decay to `min_lr_ratio * lr`."""
+
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    decay: str = "cosine"
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        _check_choice("optim", "decay", self.decay, {"cosine", "linear", "constant"})
+        _check_positive("optim", "lr", self.lr)
+        _check_positive("optim", "warmup_steps", self.warmup_steps, allow_zero=True)
+        _check_positive("optim", "grad_clip", self.grad_clip, allow_zero=True)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    steps: int = 1000
+    seed: int = 0
+    log_every: int = 50
+    eval_every: int = 0  # 0: evaluate only at the end
+    eval_batches: int = 4  # held-out batches for the periodic NELBO estimate
+    progress: bool = True
+
+    def __post_init__(self):
+        _check_positive("train", "steps", self.steps)
+        _check_positive("train", "log_every", self.log_every)
+        _check_positive("train", "eval_every", self.eval_every, allow_zero=True)
+        _check_positive("train", "eval_batches", self.eval_batches)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    every_steps: int = 500
+    max_to_keep: int = 3
+    async_save: bool = True
+
+    def __post_init__(self):
+        _check_positive("checkpoint", "every_steps", self.every_steps)
+        _check_positive("checkpoint", "max_to_keep", self.max_to_keep)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleConfig:
+    """Defaults for `dlmjax sample` / `dlmjax eval` (see `dlmjax.sampling.SamplerSettings`)."""
+
+    gen_length: int = 0  # 0: the answer region of the task (seq_len - prompt)
+    steps: int = 0  # 0: one commit per step (= gen_length)
+    block_length: int = 0  # 0: one block (= gen_length)
+    remasking: str = "low_confidence"
+    temperature: float = 0.0
+    batch_size: int = 250
+
+    def __post_init__(self):
+        _check_choice("sample", "remasking", self.remasking, {"low_confidence", "random"})
+        for name in ("gen_length", "steps", "block_length"):
+            _check_positive("sample", name, getattr(self, name), allow_zero=True)
+        _check_positive("sample", "temperature", self.temperature, allow_zero=True)
+        _check_positive("sample", "batch_size", self.batch_size)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    """Device mesh sizes along (data, fsdp, tensor); one of them may be -1 to take the remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = (self.data, self.fsdp, self.tensor)
+        if sum(s == -1 for s in sizes) > 1:
+            raise ConfigError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
+        for name, s in zip(("data", "fsdp", "tensor"), sizes):
+            if s == 0 or s < -1:
+                raise ConfigError(f"mesh.{name}={s} must be a positive size or -1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+    def __post_init__(self):
+        # Cross-field rules live here, once.
+        m, d = self.model, self.diffusion
+        if not 0 <= d.mask_id < m.vocab_size:
+            raise ConfigError(f"diffusion.mask_id={d.mask_id} must be a token id in [0, model.vocab_size={m.vocab_size})")
+        if self.data.seq_len > m.max_seq_len:
+            raise ConfigError(f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+        if self.data.kind == "task":
+            from dlmjax.data.tasks import get_task, min_seq_len  # light: numpy only
+
+            task = get_task(self.data.task, **({"digits": self.data.digits} if self.data.task == "addition" else {}))
+            if self.data.seq_len < min_seq_len(task):
+                raise ConfigError(f"data.seq_len={self.data.seq_len} is too short for data.task={self.data.task}: "
+                                  f"rows need at least {min_seq_len(task)} tokens")
+        if d.objective == "llada_sft" and self.data.kind != "task":
+            raise ConfigError("diffusion.objective=llada_sft needs prompts: use data.kind=task, or objective llada/mdlm")
+        if d.objective == "mdlm" and d.schedule == "llada":
+            raise ConfigError("diffusion.objective=mdlm needs an alpha(t) schedule: linear, loglinear or cosine")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+
+SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+def _coerce(section: str, key: str, value: Any, typ: Any):
+    """Return `value` as `typ`, or raise a ConfigError naming the key, the value and the expected type."""
+    where = f"{section}.{key}"
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise ConfigError(f"{where}: unsupported field type {typ}")
+    raise ConfigError(f"{where}={value!r} has type {type(value).__name__}; expected {typ.__name__}")
+
+
+def _build_section(section: str, values: dict) -> Any:
+    cls = SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown key {section}.{key}; allowed keys in [{section}]: {allowed}")
+        kwargs[key] = _coerce(section, key, value, hints[key])
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as e:  # pragma: no cover - dataclass signature mismatch
+        raise ConfigError(f"[{section}]: {e}") from e
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """`section.key=value` -> (section, key, value); the value is read as YAML (numbers, booleans, strings)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. train.steps=100")
+    lhs, raw = text.split("=", 1)
+    section, key = lhs.strip().split(".", 1)
+    if section not in SECTIONS:
+        raise ConfigError(f"override {text!r}: unknown section {section!r}; allowed: {sorted(SECTIONS)}")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return section, key, value
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Build and validate a Config from nested dicts (as read from YAML or a checkpoint's config.json)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    for section in raw:
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section {section!r}; allowed: {sorted(SECTIONS)}")
+    sections = {}
+    for section in SECTIONS:
+        values = raw.get(section) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section [{section}] must be a mapping, got {values!r}")
+        sections[section] = _build_section(section, values)
+    return Config(**sections)
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML file (sections model/diffusion/data/optim/train/checkpoint/sample/mesh) and apply overrides.
+
+    A file may name another as `base: other.yaml` (relative to itself); its sections are merged key by key.
+    """
+    raw: dict = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for text in overrides:
+        section, key, value = parse_override(text)
+        raw.setdefault(section, {})
+        raw[section] = dict(raw[section] or {}, **{key: value})
+    return config_from_dict(raw)
+
+
+def _read_yaml(path: Path, _seen: tuple = ()) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config file {str(path)!r} includes itself through 'base'")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    merged = _read_yaml(path.parent / base, _seen + (path.resolve(),))
+    for section, values in raw.items():
+        merged[section] = dict(merged.get(section) or {}, **(values or {}))
+    return merged
+
+
+def replace(cfg: Config, **sections: dict) -> Config:
+    """A copy of `cfg` with some fields of some sections changed, re-validated: replace(cfg, train={"steps": 5})."""
+    raw = cfg.to_dict()
+    for section, values in sections.items():
+        raw[section].update(values)
+    return config_from_dict(raw)
+

@@ -1,0 +1,45 @@
+"""Masked (absorbing-state) diffusion: schedules, the forward process and the training losses.
+
+- `schedules`: `alpha(t)` and friends as frozen dataclasses (`LinearSchedule`, `CosineSchedule`,
+  `LogLinearSchedule`, `LLaDASchedule`) and `get_schedule(name, **kw)`.
+- `forward`: `sample_t` / `t_from_uniform` (diffusion times), `forward_sample` / `mask_tokens` (x_0 -> x_t).
+- `losses`: `subs_log_probs`, `mdlm_loss` (MDLM NELBO), `llada_pretrain_loss`, `llada_sft_loss`.
+
+Terms (mask id, alpha(t), weight, SUBS, ...) are those of the glossary in ALGORITHMS.md §0: `t = 0` is
+clean, `t = 1` fully masked, `alpha(t)` the probability that a slot is still clean, mask probability
+`1 - alpha(t)`, ELBO weight `-alpha'(t) / (1 - alpha(t))`.
+"""
+from dlmjax.diffusion import forward, losses, schedules
+from dlmjax.diffusion.forward import forward_sample, mask_tokens, sample_t, t_from_uniform
+from dlmjax.diffusion.losses import NEG_INF, llada_pretrain_loss, llada_sft_loss, mdlm_loss, subs_log_probs
+from dlmjax.diffusion.schedules import (
+    SCHEDULES,
+    CosineSchedule,
+    LinearSchedule,
+    LLaDASchedule,
+    LogLinearSchedule,
+    Schedule,
+    get_schedule,
+)
+
+__all__ = [
+    "NEG_INF",
+    "SCHEDULES",
+    "CosineSchedule",
+    "LLaDASchedule",
+    "LinearSchedule",
+    "LogLinearSchedule",
+    "Schedule",
+    "forward",
+    "forward_sample",
+    "get_schedule",
+    "llada_pretrain_loss",
+    "llada_sft_loss",
+    "losses",
+    "mask_tokens",
+    "mdlm_loss",
+    "sample_t",
+    "schedules",
+    "subs_log_probs",
+    "t_from_uniform",
+]
