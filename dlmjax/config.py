@@ -124,12 +124,18 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    """AdamW with linear warmup and a decay to `min_lr_ratio * lr`."""
+    """AdamW with linear warmup and a decay to `min_lr_ratio * lr`.
+
+    decay: `cosine` or `linear` over all steps after warmup; `constant`; or `wsd` (warmup-stable-decay, as in
+    LLaDA pre-training): constant, then a linear decay over the last `decay_fraction` of the steps. Keeping
+    the rate up longer helps small models leave the loss plateau that algorithmic tasks start on.
+    """
 
     lr: float = 1e-3
     warmup_steps: int = 100
     decay: str = "cosine"
     min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
     weight_decay: float = 0.0
     b1: float = 0.9
     b2: float = 0.999
@@ -137,7 +143,9 @@ class OptimConfig:
     grad_clip: float = 1.0
 
     def __post_init__(self):
-        _check_choice("optim", "decay", self.decay, {"cosine", "linear", "constant"})
+        _check_choice("optim", "decay", self.decay, {"cosine", "linear", "constant", "wsd"})
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ConfigError(f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]")
         _check_positive("optim", "lr", self.lr)
         _check_positive("optim", "warmup_steps", self.warmup_steps, allow_zero=True)
         _check_positive("optim", "grad_clip", self.grad_clip, allow_zero=True)

@@ -32,6 +32,15 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
     assert float(sched(60)) == pytest.approx(1e-4 + 0.5 * (1e-3 - 1e-4), rel=1e-3)  # cosine midpoint
 
 
+def test_wsd_schedule_is_flat_then_decays_over_the_tail():
+    cfg = tiny("optim.warmup_steps=10", "optim.lr=1e-3", "optim.min_lr_ratio=0.1", "optim.decay=wsd",
+               "optim.decay_fraction=0.2").optim
+    sched = lr_schedule(cfg, 110)  # warmup 10, stable 78, decay over the last 22
+    assert float(sched(10)) == pytest.approx(1e-3) and float(sched(88)) == pytest.approx(1e-3)
+    assert float(sched(99)) == pytest.approx(1e-3 - 0.5 * 9e-4, rel=1e-3)
+    assert float(sched(110)) == pytest.approx(1e-4, rel=1e-4)
+
+
 def test_train_step_learns_a_fixed_batch_and_donates_the_state():
     cfg = tiny()
     mesh = make_mesh(cfg.mesh)
@@ -54,7 +63,7 @@ def test_heldout_nelbo_of_a_uniform_model_is_log_vocab():
     cfg = tiny("data.batch_size=512")
     tx = make_optimizer(cfg.optim, 1)
     state, _ = init_train_state(cfg.model, tx, 0, make_mesh(cfg.mesh))
-    params = dict(state.params, ff_out={"kernel": jnp.zeros_like(state.params["ff_out"]["kernel"])})
+    params = dict(state.params, ff_out=jnp.zeros_like(state.params["ff_out"]))
     batch = as_batch(next(iter(load_data(cfg)[0])))
     step = make_eval_step(cfg.model, cfg.diffusion)
     sums = [step(params, batch, jax.random.PRNGKey(i)) for i in range(4)]

@@ -38,6 +38,11 @@ def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
         decay = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.min_lr_ratio)
     elif cfg.decay == "linear":
         decay = optax.linear_schedule(cfg.lr, end, decay_steps)
+    elif cfg.decay == "wsd":
+        tail = max(int(round(cfg.decay_fraction * total_steps)), 1)
+        stable = max(decay_steps - tail, 0)
+        decay = optax.join_schedules([optax.constant_schedule(cfg.lr), optax.linear_schedule(cfg.lr, end, tail)],
+                                     [stable])
     else:
         decay = optax.constant_schedule(cfg.lr)
     if warmup == 0:

@@ -23,7 +23,7 @@ def train_step(state: TrainState, batch, *, tx: optax.GradientTransformation, mo
     grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch, rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
