@@ -30,9 +30,11 @@ class Checkpointer:
 
     def __init__(self, directory: str | Path, cfg: CheckpointConfig = CheckpointConfig(), *, read_only=False):
         self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=cfg.max_to_keep, save_interval_steps=1, enable_async_checkpointing=cfg.async_save,
-            create=not read_only, read_only=read_only)
+        if read_only:  # a reader never saves, so it can neither create nor garbage-collect steps
+            options = ocp.CheckpointManagerOptions(create=False, max_to_keep=None)
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=cfg.max_to_keep, save_interval_steps=1,
+                                                   enable_async_checkpointing=cfg.async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:

@@ -84,7 +84,14 @@ class DiffusionConfig:
     """The absorbing-state forward process and the training objective.
 
     objective: `llada_sft` (prompt never masked, 1/p weight, normalised by answer length), `llada` (pre-training:
-    1/p weight, normalised by B*L) or `mdlm` (continuous-time NELBO with SUBS, normalised by valid tokens).
+    1/p weight, normalised by B*L), `mdlm` (continuous-time NELBO with SUBS, normalised by valid tokens) or
+    `bd3` (BD3-LM block diffusion, ALGORITHMS.md §2.3: one t per (row, block) in [clip_min, clip_max], mask
+    probability p = t, the model reads [x_t ; x_0]; prompts stay clean). bd3 fixes its own schedule (p = t,
+    weight 1/t), so `schedule` and `eps` do not apply to it.
+
+    block_size: bd3 block length L' (0 means data.seq_len, i.e. MDLM); 1 with clip_min = clip_max = 1 is
+    exactly autoregressive. clip_min, clip_max: BD3's clipped schedule (beta, omega); (1e-3, 1) is unbiased.
+    As in the reference, clip_min > 0.5 also replaces the 1/t weight by 1 (meant for the t = 1 AR check).
     """
 
     objective: str = "llada_sft"
@@ -92,12 +99,19 @@ class DiffusionConfig:
     eps: float = 1e-3
     antithetic: bool = True
     mask_id: int = 259
+    block_size: int = 0
+    clip_min: float = 1e-3
+    clip_max: float = 1.0
 
     def __post_init__(self):
-        _check_choice("diffusion", "objective", self.objective, {"llada_sft", "llada", "mdlm"})
+        _check_choice("diffusion", "objective", self.objective, {"llada_sft", "llada", "mdlm", "bd3", "masked_ce"})
         _check_choice("diffusion", "schedule", self.schedule, {"linear", "loglinear", "cosine", "llada"})
         if not 0.0 <= self.eps < 0.5:
             raise ConfigError(f"diffusion.eps={self.eps} must be in [0, 0.5)")
+        _check_positive("diffusion", "block_size", self.block_size, allow_zero=True)
+        if not 0.0 <= self.clip_min <= self.clip_max <= 1.0:
+            raise ConfigError(f"diffusion.clip_min={self.clip_min} and diffusion.clip_max={self.clip_max} must "
+                              f"satisfy 0 <= clip_min <= clip_max <= 1")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,11 +121,18 @@ class DataConfig:
     kind: str = "task"
     task: str = "addition"
     digits: int = 3  # addition operands
+    pad_answer: bool = False  # addition: zero-pad answers to digits + 1 characters
+    min_digits: int = 0  # addition curriculum: train on operands of min_digits..digits digits (0: off)
     text_path: str = ""  # a file, a folder or a glob, for kind=text
     seq_len: int = 16
     batch_size: int = 128
     eval_size: int = 500
     seed: int = 0
+
+    def task_kwargs(self) -> dict:
+        if self.task == "addition":
+            return {"digits": self.digits, "pad_answer": self.pad_answer, "min_digits": self.min_digits}
+        return {}
 
     def __post_init__(self):
         _check_choice("data", "kind", self.kind, {"task", "text"})
@@ -237,7 +258,7 @@ class Config:
         if self.data.kind == "task":
             from dlmjax.data.tasks import get_task, min_seq_len  # light: numpy only
 
-            task = get_task(self.data.task, **({"digits": self.data.digits} if self.data.task == "addition" else {}))
+            task = get_task(self.data.task, **self.data.task_kwargs())
             if self.data.seq_len < min_seq_len(task):
                 raise ConfigError(f"data.seq_len={self.data.seq_len} is too short for data.task={self.data.task}: "
                                   f"rows need at least {min_seq_len(task)} tokens")
@@ -245,6 +266,9 @@ class Config:
             raise ConfigError("diffusion.objective=llada_sft needs prompts: use data.kind=task, or objective llada/mdlm")
         if d.objective == "mdlm" and d.schedule == "llada":
             raise ConfigError("diffusion.objective=mdlm needs an alpha(t) schedule: linear, loglinear or cosine")
+        if d.block_size and self.data.seq_len % d.block_size:
+            raise ConfigError(f"diffusion.block_size={d.block_size} must divide data.seq_len={self.data.seq_len} "
+                              f"(0 means one block of data.seq_len)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -85,6 +85,30 @@ def test_addition_correct_and_msd_first():
         assert task.score(p.answer, p) and not task.score(p.answer[::-1] + "0", p)
 
 
+def test_addition_curriculum_and_padded_answers():
+    task = AdditionTask(digits=3, min_digits=1)
+    lengths = set()
+    for i in range(600):
+        p = task.example(0, i)
+        a, b = p.prompt[:-1].split("+")
+        assert 1 <= len(a) <= 3 and 1 <= len(b) <= 3 and p.answer == str(int(a) + int(b))
+        assert a[0] != "0" and b[0] != "0"
+        lengths.add((len(a), len(b)))
+        rec = encode_problem(p, task, TOK, 16)
+        assert rec["prompt_mask"].sum() == 1 + len(p.prompt)
+    assert lengths == {(x, y) for x in (1, 2, 3) for y in (1, 2, 3)}
+    # Held-out problems are always full length, so evaluation measures 3-digit addition.
+    assert all(re.fullmatch(r"[1-9]\d\d\+[1-9]\d\d=", p.prompt) for p in heldout(task, 50))
+    # min_digits == digits draws the same stream as no curriculum.
+    assert [AdditionTask(3, min_digits=3).example(0, i) for i in range(20)] == \
+        [AdditionTask(3).example(0, i) for i in range(20)]
+    padded = AdditionTask(3, pad_answer=True)
+    answers = [padded.example(1, i).answer for i in range(300)]
+    assert all(len(x) == 4 for x in answers) and any(x.startswith("0") for x in answers)
+    with pytest.raises(ValueError, match="min_digits=4"):
+        AdditionTask(3, min_digits=4)
+
+
 def test_addition_many_digits_and_bad_digits():
     p = AdditionTask(digits=25).example(0, 0)
     a, b = p.prompt[:-1].split("+")
@@ -129,7 +153,7 @@ def test_encode_problem_errors_name_values():
     with pytest.raises(ValueError, match=r"seq_len=13 .* at least 14"):
         encode_problem(Problem("372+859=", "1231"), task, TOK, 13)
     with pytest.raises(ValueError, match="does not fit"):
-        encode_problem(Problem("1+2=", "3"), task, TOK, 16)
+        encode_problem(Problem("1234+567=", "1801"), task, TOK, 16)
 
 
 # ---- sudoku -------------------------------------------------------------------------------------------
@@ -212,7 +236,7 @@ def test_get_task():
     assert isinstance(get_task("sudoku"), SudokuTask)
     with pytest.raises(ValueError, match=r"task='mult'.*\['addition', 'sudoku'\]"):
         get_task("mult")
-    with pytest.raises(ValueError, match=r"\['size'\].*\['digits'\]"):
+    with pytest.raises(ValueError, match=r"\['size'\].*'digits'"):
         get_task("addition", size=3)
 
 
@@ -251,7 +275,7 @@ class _ConstantTask(Task):
     def __init__(self, prompt):
         self.prompt = prompt
 
-    def sample(self, rng):
+    def sample(self, rng, split="train"):
         return Problem(self.prompt, "x")
 
 

@@ -1,6 +1,6 @@
 """Tests for dlmjax.diffusion: schedules, the forward process, and the MDLM / LLaDA losses.
 
-Golden values come from the PyTorch originals (tests/golden/tiny_mdlm/, see /work/shared/golden/README.md);
+Golden values come from the PyTorch originals (tests/golden/tiny_mdlm/, see tests/golden/README.md);
 the rest are held against closed forms or naive float64 numpy loops written from ALGORITHMS.md §1-2.
 
 About the tiny_mdlm fixture: `golden_logits.npy` is `DiT(x_t, sigma)` with sigma = (0.7, 2.3), but the
@@ -354,3 +354,21 @@ def test_llada_sft_all_prompt_row_has_finite_gradient():
     grad = jax.jit(jax.grad(llada_sft_loss))(jnp.asarray(logits), x0, is_masked, p, prompt)
     assert np.all(np.isfinite(np.asarray(grad)))
     assert np.all(np.asarray(grad)[0] == 0.0)
+
+
+def test_masked_ce_loss_matches_naive_loop():
+    from dlmjax.diffusion.losses import masked_ce_loss
+
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(3, 6, 11)).astype(np.float32)
+    x0 = rng.integers(0, 11, size=(3, 6))
+    is_masked = rng.random((3, 6)) < 0.4
+    total, count = 0.0, 0
+    for b in range(3):
+        for i in range(6):
+            if is_masked[b, i]:
+                total -= _log_softmax64(logits[b, i])[x0[b, i]]
+                count += 1
+    got = float(masked_ce_loss(jnp.asarray(logits), jnp.asarray(x0), jnp.asarray(is_masked)))
+    assert got == pytest.approx(total / count, rel=1e-5)
+    assert float(masked_ce_loss(jnp.asarray(logits), jnp.asarray(x0), jnp.zeros((3, 6), bool))) == 0.0

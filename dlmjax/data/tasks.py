@@ -63,8 +63,8 @@ class Task(abc.ABC):
         """Most characters an answer can have."""
 
     @abc.abstractmethod
-    def sample(self, rng: np.random.Generator) -> Problem:
-        """One problem drawn with `rng`, ignoring the train/eval split."""
+    def sample(self, rng: np.random.Generator, split: str = "train") -> Problem:
+        """One problem drawn with `rng` (the split may shape the distribution, not the hash bucket)."""
 
     def example(self, seed: int, index: int, split: str = "train") -> Problem:
         """Problem `index` of the stream `seed` restricted to `split` ("train" or "eval")."""
@@ -78,7 +78,7 @@ class Task(abc.ABC):
         # a draw, and the eval split needs ~64 draws per problem.
         rng = np.random.default_rng([seed, index])
         for _ in range(MAX_REDRAWS):
-            problem = self.sample(rng)
+            problem = self.sample(rng, split)
             if in_eval_split(problem) == want_eval:
                 return problem
         raise ValueError(f"task {self.name!r} produced no {split!r} problem in {MAX_REDRAWS} draws; "
@@ -94,16 +94,25 @@ class Task(abc.ABC):
 class AdditionTask(Task):
     """`a+b=` -> `a + b`, both operands with exactly `digits` digits, most significant digit first.
 
-    Example (digits=3): prompt "372+859=", answer "1231". Answers have no leading zeros, so they are
-    `digits` or `digits + 1` characters; the EOS padding after them is part of the target.
+    Example (digits=3): prompt "372+859=", answer "1231". By default answers have no leading zeros, so
+    they are `digits` or `digits + 1` characters; the EOS padding after them is part of the target. With
+    `pad_answer` every answer has `digits + 1` characters ("100+200=0300"): each answer slot then has a
+    fixed place value, which removes the hardest part of learning MSD-first addition (where the digits
+    go depends on whether the sum carries out).
     """
 
     digits: int = 3
+    pad_answer: bool = False
+    # Curriculum: training operands have between `min_digits` and `digits` digits (each drawn
+    # uniformly); held-out problems always have `digits`. 0 means `digits` (no curriculum).
+    min_digits: int = 0
     name = "addition"
 
     def __post_init__(self):
         if not isinstance(self.digits, int) or self.digits < 1:
             raise ValueError(f"AdditionTask digits={self.digits!r} must be an integer >= 1")
+        if not isinstance(self.min_digits, int) or not 0 <= self.min_digits <= self.digits:
+            raise ValueError(f"AdditionTask min_digits={self.min_digits!r} must be in [0, digits={self.digits}]")
 
     @property
     def prompt_len(self) -> int:
@@ -113,12 +122,18 @@ class AdditionTask(Task):
     def answer_len(self) -> int:
         return self.digits + 1
 
-    def sample(self, rng: np.random.Generator) -> Problem:
+    def sample(self, rng: np.random.Generator, split: str = "train") -> Problem:
         # Digit by digit so that any number of digits works without int64 overflow.
         digits = rng.integers(0, 10, size=(2, self.digits))
         digits[:, 0] = rng.integers(1, 10, size=2)
         a, b = ("".join(map(str, row)) for row in digits.tolist())
-        return Problem(prompt=f"{a}+{b}=", answer=str(int(a) + int(b)))
+        if split == "train" and self.min_digits and self.min_digits < self.digits:
+            # Shorter operands teach digit sums and carries on short alignments first; the extra
+            # draws happen after the full-length ones, so min_digits == digits keeps the stream.
+            la, lb = rng.integers(self.min_digits, self.digits + 1, size=2)
+            a, b = a[: int(la)], b[: int(lb)]
+        total = str(int(a) + int(b))
+        return Problem(prompt=f"{a}+{b}=", answer=total.zfill(self.digits + 1) if self.pad_answer else total)
 
 
 # ---- 4x4 Sudoku (2x2 boxes) -------------------------------------------------------------------------
@@ -202,7 +217,7 @@ class SudokuTask(Task):
     def answer_len(self) -> int:
         return _CELLS
 
-    def sample(self, rng: np.random.Generator) -> Problem:
+    def sample(self, rng: np.random.Generator, split: str = "train") -> Problem:
         target = int(rng.integers(self.min_blanks, self.max_blanks + 1))
         grids = all_sudoku_grids()
         # A greedy pass can stop at a minimal puzzle with fewer blanks than the target (no single clue
@@ -282,8 +297,8 @@ def encode_problem(problem: Problem, task: Task, tokenizer: ByteTokenizer, seq_l
                          f"(BOS + prompt {task.prompt_len} + answer {task.answer_len} + EOS)")
     prompt = tokenizer.encode(problem.prompt, bos=True)
     answer = tokenizer.encode(problem.answer, eos=True)
-    if len(prompt) != 1 + task.prompt_len or len(answer) > 1 + task.answer_len:
-        raise ValueError(f"problem {problem} does not fit task {task.name!r}: prompts must be "
+    if len(prompt) > 1 + task.prompt_len or len(answer) > 1 + task.answer_len:
+        raise ValueError(f"problem {problem} does not fit task {task.name!r}: prompts must be at most "
                          f"{task.prompt_len} bytes and answers at most {task.answer_len}")
     tokens = np.full(seq_len, tokenizer.eos_id, dtype=np.int32)
     tokens[: len(prompt) + len(answer)] = prompt + answer

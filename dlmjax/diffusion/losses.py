@@ -68,6 +68,22 @@ def subs_log_probs(logits: jax.Array, xt: jax.Array, mask_id: int) -> jax.Array:
     return jnp.where((xt != mask_id)[..., None], carry_over, log_probs)
 
 
+def subs_target_log_probs(logits: jax.Array, x0: jax.Array, xt: jax.Array, mask_id: int) -> jax.Array:
+    """`subs_log_probs` read at the clean tokens, without building the [B, L, V] log-probabilities.
+
+    Args:
+      logits: float[B, L, V] raw denoiser logits; x0, xt: int[B, L] clean and noisy tokens.
+      mask_id: the mask's logit index, in [0, V).
+
+    Returns:
+      f32[B, L] `log p(x0 | xt)`: the log-softmax (mask logit suppressed) at masked slots, exactly 0 elsewhere
+      (SUBS carry-over: an unmasked slot already holds its clean token).
+    """
+    _check_mask_id("subs_target_log_probs", mask_id, logits.shape[-1])
+    log_p = _log_prob_at(logits, x0, suppress=mask_id)
+    return jnp.where(jnp.asarray(xt) == mask_id, log_p, 0.0)
+
+
 def mdlm_loss(
     logits: jax.Array,
     x0: jax.Array,
@@ -99,9 +115,7 @@ def mdlm_loss(
     vocab = logits.shape[-1]
     mask_id = vocab - 1 if mask_id is None else mask_id
     _check_mask_id("mdlm_loss", mask_id, vocab)
-    log_p = _log_prob_at(logits, x0, suppress=mask_id)
-    # SUBS carry-over: p(x0 | xt) = 1 wherever xt is not the mask.
-    log_p = jnp.where(jnp.asarray(xt) == mask_id, log_p, 0.0)
+    log_p = subs_target_log_probs(logits, x0, xt, mask_id)
     t = jnp.asarray(t, jnp.float32)
     weight = schedule.weight(t[:, None] if t.ndim == 1 else t)
     valid = jnp.asarray(valid_mask).astype(jnp.float32)
@@ -158,3 +172,18 @@ def llada_sft_loss(
     answer_length = jnp.maximum(jnp.sum(answer, axis=1, keepdims=True), 1).astype(jnp.float32)
     token_loss = ce / p / answer_length
     return jnp.sum(jnp.where(jnp.asarray(is_masked) & answer, token_loss, 0.0)) / ce.shape[0]
+
+
+def masked_ce_loss(logits: jax.Array, x0: jax.Array, is_masked: jax.Array) -> jax.Array:
+    """Unweighted cross-entropy averaged over masked slots (MaskGIT; MaxText's block-diffusion objective).
+
+    Not an ELBO (no 1/t weight), but every masked slot counts equally, so rows with few masks (small t)
+    no longer dominate the gradient with weights up to 1/eps. Returns a scalar; 0 if nothing is masked.
+
+    Args:
+      logits: float[B, L, V]; x0: int[B, L]; is_masked: bool[B, L].
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    ce = -jnp.take_along_axis(logp, x0[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    n = jnp.sum(is_masked)
+    return jnp.sum(jnp.where(is_masked, ce, 0.0)) / jnp.maximum(n, 1)

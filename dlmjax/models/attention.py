@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dlmjax.diffusion.masks import bd3_allowed, check_block_size
+
 
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:
@@ -59,6 +61,24 @@ class BlockCausalMask(MaskSpec):
 
     def allowed(self, q_idx, kv_idx):
         return (q_idx // self.block_size) >= (kv_idx // self.block_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bd3TrainingMask(MaskSpec):
+    """BD3-LM's training mask over `[x_t ; x_0]` (2 * length slots): M_BD | M_OBC | M_BC.
+
+    The rule lives in `dlmjax.diffusion.masks.bd3_allowed` (see there); this hashable spec lets the attention
+    dispatch (and a Pallas kernel) evaluate it from indices. Queries and keys index the 2L-slot input.
+    """
+
+    length: int
+    block_size: int
+
+    def __post_init__(self):
+        check_block_size(self.length, self.block_size, owner="Bd3TrainingMask")
+
+    def allowed(self, q_idx, kv_idx):
+        return bd3_allowed(q_idx, kv_idx, self.length, self.block_size)
 
 
 ATTENTION_IMPLS = ("xla",)

@@ -7,6 +7,12 @@ table (`dlmjax.sharding.LOGICAL_RULES`) maps them onto the device mesh.
 
 Parameter names follow the released LLaDA checkpoints (`wte`, `attn_norm`, `q_proj`, ..., `ff_out`, `ln_f`)
 so that checkpoint interchange is a rename and a transpose.
+
+KV cache (block diffusion, ALGORITHMS.md §4.4, §4.10): `Transformer(...)(chunk, positions=..., cache=...)` runs a
+chunk of `n` slots against the valid entries of a cache plus the chunk itself and returns `(logits, cache)`. With
+`update_cache=True` (PREFILL / COMMIT) the chunk's per-layer K/V are written at `[index, index + n)`; without it
+(DENOISE) the cache is returned untouched. K is stored after RoPE: positions are absolute, so a cached key never
+needs re-rotating. Without `cache` the call is exactly the uncached forward it always was.
 """
 from __future__ import annotations
 
@@ -30,7 +36,8 @@ class Block(nn.Module):
     mask: MaskSpec = FullMask()
 
     @nn.compact
-    def __call__(self, x, cos, sin, key_mask, dense_mask):
+    def __call__(self, x, cos, sin, key_mask, dense_mask, cache_k=None, cache_v=None):
+        """x [B, n, D] -> (x, None), or with `cache_k/v` [B, S, Hkv, Dh] -> (x, (k, v) of the chunk [B, n, Hkv, Dh])."""
         cfg = self.config
         dtype, pdt = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         b, length, _ = x.shape
@@ -47,7 +54,16 @@ class Block(nn.Module):
         v = v.reshape(b, length, cfg.num_kv_heads, cfg.head_dim)
         q = nn.with_logical_constraint(apply_rotary(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(apply_rotary(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
-        a = attention(q, k, v, mask=self.mask, key_mask=key_mask, dense_mask=dense_mask, impl=cfg.attention_impl)
+        if cache_k is None:
+            chunk_kv = None
+            a = attention(q, k, v, mask=self.mask, key_mask=key_mask, dense_mask=dense_mask, impl=cfg.attention_impl)
+        else:
+            # Keys are [all S cache slots ; this chunk]; which cache slots are valid is in dense_mask [B, n, S + n].
+            chunk_kv = (k, v)
+            keys = jnp.concatenate([cache_k, k.astype(cache_k.dtype)], axis=1)
+            values = jnp.concatenate([cache_v, v.astype(cache_v.dtype)], axis=1)
+            a = attention(q, keys, values, mask=self.mask, key_mask=key_mask, dense_mask=dense_mask,
+                          impl=cfg.attention_impl)
         a = proj("attn_out", cfg.d_model, ("heads", "embed"), out_std)(a.reshape(b, length, -1))
         x = nn.with_logical_constraint(x + a.astype(x.dtype), BATCH_LENGTH_EMBED)
 
@@ -58,7 +74,7 @@ class Block(nn.Module):
         x = x + proj("ff_out", cfg.d_model, ("mlp", "embed"), out_std)(hidden).astype(x.dtype)
         x = nn.with_logical_constraint(x, BATCH_LENGTH_EMBED)
         self.sow("intermediates", "hidden", x)
-        return x, None
+        return x, chunk_kv
 
 
 class Transformer(nn.Module):
@@ -68,18 +84,28 @@ class Transformer(nn.Module):
     mask: MaskSpec = FullMask()
 
     @nn.compact
-    def __call__(self, tokens, *, positions=None, key_mask=None, dense_mask=None):
+    def __call__(self, tokens, *, positions=None, key_mask=None, dense_mask=None, cache=None, update_cache=False):
         """
         Args:
           tokens: int32 [B, L].
           positions: int32 [B, L] rotary positions (default 0..L-1). BD3-LM feeds [x_t ; x_0] with the same
-            positions on both halves, and left-padded rows may shift theirs.
+            positions on both halves, and left-padded rows may shift theirs. Required with `cache`.
           key_mask: bool [B, L], False on padding keys.
-          dense_mask: bool [B or 1, L, L], an arbitrary extra attention mask.
+          dense_mask: bool [B or 1, L, L], an arbitrary extra attention mask. With `cache` it is the mask inside
+            the chunk (default: bidirectional, BD3's M_BC / M_BD pattern for one block).
+          cache: None, or a KV cache from `init_cache` holding `S` slots; the chunk's queries then see the
+            cache slots whose `key_mask` is True plus the chunk itself (under `key_mask` and `dense_mask`).
+          update_cache: with `cache`, write this chunk's K/V and key_mask at `[index, index + L)` and advance
+            `index` by L. The caller keeps `index + L <= S` (the sampler checks it statically): like every
+            `dynamic_update_slice`, an out-of-range write would be clamped, not refused.
+        Returns:
+          logits float32 [B, L, V]; with `cache`, the pair (logits, cache).
         """
         cfg = self.config
         dtype, pdt = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         b, length = tokens.shape
+        if cache is not None or update_cache:
+            _check_cached_call(self.mask, cfg, cache, positions, b, length, update_cache)
         wte = self.param("wte", nn.with_logical_partitioning(dense_init(cfg.init_std), ("vocab", "embed")),
                          (cfg.vocab_size, cfg.d_model), pdt)
         x = jnp.take(wte, tokens, axis=0).astype(dtype)
@@ -92,15 +118,39 @@ class Transformer(nn.Module):
         block_cls = Block
         if cfg.remat:
             block_cls = nn.remat(block_cls, prevent_cse=not cfg.scan_layers)
-        if cfg.scan_layers:
+        if cache is not None:
+            # The cached prefix is one more key segment: its validity per row is cache["key_mask"].
+            chunk_mask = jnp.ones((1, length, length), bool) if dense_mask is None else dense_mask
+            if key_mask is not None:
+                chunk_mask = chunk_mask & key_mask[:, None, :]
+            prefix_mask = jnp.broadcast_to(cache["key_mask"][:, None, :], (b, length, cache["key_mask"].shape[1]))
+            chunk_mask = jnp.broadcast_to(chunk_mask, (b, length, length))
+            cached_mask = jnp.concatenate([prefix_mask, chunk_mask], axis=-1)  # [B, L, S + L]
+        if cfg.scan_layers and cache is None:
             # One traced block for all layers: compile time independent of depth; params stacked on "layers".
             stack = nn.scan(block_cls, variable_axes={"params": 0, "intermediates": 0},
                             split_rngs={"params": True}, in_axes=nn.broadcast, length=cfg.n_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
             x, _ = stack(cfg, self.mask, name="blocks")(x, cos, sin, key_mask, dense_mask)
-        else:
+        elif cfg.scan_layers:
+            # Same stacked params; the cache's leading "layers" axis is scanned alongside them.
+            stack = nn.scan(block_cls, variable_axes={"params": 0, "intermediates": 0},
+                            split_rngs={"params": True}, length=cfg.n_layers,
+                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
+                            metadata_params={nn.PARTITION_NAME: "layers"})
+            x, (chunk_k, chunk_v) = stack(cfg, self.mask, name="blocks")(
+                x, cos, sin, None, cached_mask, cache["k"], cache["v"])
+        elif cache is None:
             for i in range(cfg.n_layers):
                 x, _ = block_cls(cfg, self.mask, name=f"blocks_{i}")(x, cos, sin, key_mask, dense_mask)
+        else:
+            chunk_kv = []
+            for i in range(cfg.n_layers):
+                x, kv = block_cls(cfg, self.mask, name=f"blocks_{i}")(
+                    x, cos, sin, None, cached_mask, cache["k"][i], cache["v"][i])
+                chunk_kv.append(kv)
+            chunk_k = jnp.stack([k for k, _ in chunk_kv])
+            chunk_v = jnp.stack([v for _, v in chunk_kv])
 
         x = RMSNorm(cfg.norm_eps, pdt, name="ln_f")(x)
         self.sow("intermediates", "final_norm", x)
@@ -110,7 +160,65 @@ class Transformer(nn.Module):
             head = self.param("ff_out", nn.with_logical_partitioning(dense_init(cfg.init_std), ("embed", "vocab")),
                               (cfg.d_model, cfg.vocab_size), pdt)
             logits = jnp.dot(x, head.astype(dtype), preferred_element_type=jnp.float32)
-        return nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        if cache is None:
+            return logits
+        if update_cache:
+            cache = _write_cache(cache, chunk_k, chunk_v, key_mask)
+        return logits, cache
+
+
+def init_cache(config: ModelConfig, batch: int, length: int):
+    """An empty KV cache of `length` slots per row.
+
+    Returns a pytree: `k`, `v` [n_layers, B, S, Hkv, Dh] in the activation dtype (K after RoPE), `index` int32
+    scalar (next slot to write; shared by the batch, whose rows are aligned by left padding) and `key_mask`
+    bool [B, S] (True on slots holding a real, committed key: per-row lengths and padding live here).
+    """
+    if not isinstance(length, int) or length < 1:
+        raise ValueError(f"init_cache: length={length!r} is not allowed; use an int >= 1 (slots per row)")
+    shape = (config.n_layers, batch, length, config.num_kv_heads, config.head_dim)
+    dtype = DTYPES[config.dtype]
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.int32(0),
+            "key_mask": jnp.zeros((batch, length), bool)}
+
+
+def _check_cached_call(mask: MaskSpec, config: ModelConfig, cache, positions, batch: int, length: int,
+                       update_cache: bool) -> None:
+    """Static checks of a cached call, so a mistake fails with a message instead of inside an einsum."""
+    if cache is None:
+        raise ValueError("update_cache=True needs a cache; build one with init_cache(config, batch, slots)")
+    if positions is None:
+        raise ValueError("a cached call needs absolute `positions` [B, L] for the chunk (the cache holds "
+                         "post-RoPE keys, so positions cannot default to 0..L-1)")
+    if not isinstance(mask, FullMask):
+        raise ValueError(f"Transformer.mask={mask!r} applies to uncached calls only; with a cache pass the "
+                         "structure inside the chunk as dense_mask")
+    if not isinstance(cache, dict) or set(cache) != {"k", "v", "index", "key_mask"}:
+        raise ValueError("cache must be the dict made by init_cache: keys 'k', 'v', 'index', 'key_mask'")
+    slots = cache["key_mask"].shape[-1]
+    want = (config.n_layers, batch, slots, config.num_kv_heads, config.head_dim)
+    if cache["k"].shape != want or cache["v"].shape != want:
+        raise ValueError(f"cache k/v must have shape [layers, batch, slots, kv_heads, head_dim] = {list(want)}, "
+                         f"got {list(cache['k'].shape)}; build it with init_cache(config, batch, slots)")
+    if update_cache and length > slots:
+        raise ValueError(f"a chunk of {length} slots cannot fit a cache of {slots} slots; use a larger cache")
+
+
+def _write_cache(cache, chunk_k, chunk_v, key_mask):
+    """Writes the chunk's K/V [layers, B, n, Hkv, Dh] and key_mask [B, n] at `index`; advances `index` by n."""
+    index = cache["index"]
+    n = chunk_k.shape[2]
+    if key_mask is None:
+        key_mask = jnp.ones(chunk_k.shape[1:3], bool)
+    zero = jnp.int32(0)
+    at = (zero, zero, index, zero, zero)
+    return {
+        "k": jax.lax.dynamic_update_slice(cache["k"], chunk_k.astype(cache["k"].dtype), at),
+        "v": jax.lax.dynamic_update_slice(cache["v"], chunk_v.astype(cache["v"].dtype), at),
+        "index": index + n,
+        "key_mask": jax.lax.dynamic_update_slice(cache["key_mask"], key_mask.astype(bool), (zero, index)),
+    }
 
 
 def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8):

@@ -110,3 +110,92 @@ def _is_int(value) -> bool:
 
 def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BlockSamplerSettings:
+    """How the block-diffusion sampler (`generate_blocks`, ALGORITHMS.md §4.4, §4.10) fills `gen_length` slots.
+
+    Blocks of `block_length` slots are finished left to right; each block is denoised in `steps_per_block`
+    steps (one forward pass each) with the masked sampler's rules, then committed to the KV cache.
+    `block_length=1, steps_per_block=1` is autoregressive decoding; `block_length=gen_length` is MDLM/LLaDA
+    with a prompt cache.
+
+    Attributes:
+      gen_length: Number of generated slots `G`, a multiple of `block_length`.
+      block_length: Slots per block `L'`.
+      steps_per_block: Denoising steps `S` per block (default `block_length`: one commit per step). Commits
+        per step follow LLaDA's front-loaded transfer table; with `S > L'` the extra steps commit nothing.
+      remasking: "low_confidence" or "random", as in `SamplerSettings`.
+      temperature: 0 is greedy; `T > 0` samples from `softmax(logits / T)` (Gumbel-max).
+      top_k: Keep only the `k` most likely tokens of each proposal distribution (0 = off).
+      top_p: Nucleus filtering: keep the smallest set of most likely tokens whose mass reaches `top_p`
+        (1.0 = off). Applied after `top_k`, to the temperature-scaled distribution.
+      mask_id: Token id of [MASK]; the model never proposes it (SUBS).
+      eos_id: A row whose finished block contains `eos_id` is done: its later blocks are `pad_id` and frozen,
+        and sampling stops when every row is done. None: rows never stop early.
+      pad_id: Fill of a done row's later blocks (default `eos_id`).
+      cache_length: KV-cache slots per row; None sizes it exactly (padded prompt + gen_length - block_length,
+        the last block is never committed). A fixed value keeps one compiled program across prompt lengths;
+        too small a value is an error, never a silent overwrite.
+    """
+
+    gen_length: int
+    block_length: int
+    steps_per_block: int | None = None
+    remasking: str = "low_confidence"
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    mask_id: int
+    eos_id: int | None = None
+    pad_id: int | None = None
+    cache_length: int | None = None
+
+    def __post_init__(self):
+        if self.steps_per_block is None and _is_int(self.block_length):
+            object.__setattr__(self, "steps_per_block", self.block_length)
+        if self.pad_id is None and self.eos_id is not None:
+            object.__setattr__(self, "pad_id", self.eos_id)
+        self.validate()
+
+    @property
+    def num_blocks(self) -> int:
+        return self.gen_length // self.block_length
+
+    @property
+    def steps(self) -> int:
+        """Denoising steps over all blocks (LLaDA's `steps`)."""
+        return self.num_blocks * self.steps_per_block
+
+    def validate(self) -> None:
+        """Raises ValueError naming the field, its value and what is allowed."""
+        name = type(self).__name__
+        for field in ("gen_length", "block_length", "steps_per_block"):
+            value = getattr(self, field)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name}.{field}={value!r} is not allowed; use an int >= 1")
+        if self.gen_length % self.block_length:
+            divisors = [d for d in range(1, self.gen_length + 1) if self.gen_length % d == 0]
+            raise ValueError(
+                f"{name}.gen_length={self.gen_length} is not a multiple of block_length={self.block_length}; "
+                f"choose a block_length in {divisors} or a gen_length that is a multiple of {self.block_length}")
+        if self.remasking not in REMASKING_RULES:
+            raise ValueError(
+                f"{name}.remasking={self.remasking!r} is not allowed; choose one of {list(REMASKING_RULES)}")
+        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"{name}.temperature={self.temperature!r} is not allowed; use a finite number >= 0")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"{name}.top_k={self.top_k!r} is not allowed; use an int >= 0 (0 turns it off)")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise ValueError(f"{name}.top_p={self.top_p!r} is not allowed; use a number in (0, 1] (1 turns it off)")
+        for field in ("mask_id", "eos_id", "pad_id"):
+            value = getattr(self, field)
+            if value is not None and (not _is_int(value) or value < 0):
+                raise ValueError(f"{name}.{field}={value!r} is not allowed; use an int >= 0")
+        if self.mask_id in (self.eos_id, self.pad_id):
+            # A [MASK] fill would be denoised again instead of staying frozen.
+            raise ValueError(f"{name}: eos_id={self.eos_id} and pad_id={self.pad_id} must differ from "
+                             f"mask_id={self.mask_id}")
+        if self.cache_length is not None and (not _is_int(self.cache_length) or self.cache_length < 1):
+            raise ValueError(f"{name}.cache_length={self.cache_length!r} is not allowed; use None or an int >= 1")

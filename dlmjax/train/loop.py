@@ -29,8 +29,7 @@ from dlmjax.train.step import as_batch, make_eval_step, make_train_step
 def load_data(cfg: Config):
     d = cfg.data
     if d.kind == "task":
-        kwargs = {"digits": d.digits} if d.task == "addition" else {}
-        return build_data(kind="task", task=d.task, task_kwargs=kwargs, seq_len=d.seq_len,
+        return build_data(kind="task", task=d.task, task_kwargs=d.task_kwargs(), seq_len=d.seq_len,
                           batch_size=d.batch_size, seed=d.seed, eval_size=d.eval_size)
     return build_data(kind="text", text_path=d.text_path, seq_len=d.seq_len, batch_size=d.batch_size,
                       seed=d.seed, eval_size=d.eval_size)

@@ -5,12 +5,18 @@ A batch is a dict of arrays `[B, L]`: `tokens` int32 (x_0), `prompt_mask` bool (
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from dlmjax.config import DiffusionConfig, ModelConfig
-from dlmjax.diffusion import forward, losses, schedules
+from dlmjax.diffusion import block, forward, losses, schedules
+from dlmjax.models.attention import Bd3TrainingMask
 from dlmjax.models.transformer import Transformer
+
+# BD3-LM's unbiased clipped schedule: the NELBO it reports (ALGORITHMS.md §1.3, §6.1).
+BD3_NELBO_CLIP = (1e-3, 1.0)
 
 
 def _schedule(cfg: DiffusionConfig):
@@ -19,14 +25,68 @@ def _schedule(cfg: DiffusionConfig):
 
 def _protected(batch, cfg: DiffusionConfig):
     protect = ~batch["valid_mask"]
-    if cfg.objective == "llada_sft":
+    if cfg.objective in ("llada_sft", "masked_ce", "bd3"):  # a prompt is clean context, never a target
         protect = protect | batch["prompt_mask"]
     return protect
+
+
+def _metrics(loss, logits, x0, is_masked):
+    masked_acc = jnp.sum((jnp.argmax(logits, -1) == x0) & is_masked) / jnp.maximum(jnp.sum(is_masked), 1)
+    return {"loss": loss, "masked_accuracy": masked_acc, "masked_fraction": jnp.mean(is_masked)}
+
+
+def bd3_loss_terms(params, batch, t, u, *, model_cfg: ModelConfig, diff_cfg: DiffusionConfig):
+    """The BD3-LM objective with its randomness given (ALGORITHMS.md §2.3): AR, block diffusion and MDLM.
+
+    Masks `x_t = mask_id` where `u <= t` (inclusive, as BD3) outside protected slots (padding, prompts), runs
+    the model once on `[x_t ; x_0]` under `Bd3TrainingMask(L, L')` with positions 0..L-1 on both halves and
+    the padding key mask on both, and scores the `x_t` half: per token `-log p(x_0 | x_t) / t` at masked
+    slots (SUBS: mask logit suppressed, carry-over 0 elsewhere; weight 1 when clip_min > 0.5).
+
+    Args:
+      params: model parameters.
+      batch: `tokens`, `prompt_mask`, `valid_mask`, each [B, L].
+      t: f32[B, L] per-token times, constant within each block (`block.block_times`).
+      u: f32[B, L] masking uniforms.
+
+    Returns:
+      (loss f32[] = sum of nll / number of scored tokens, aux) with aux `nll` f32[B, L] (0 off scored
+      slots), `scored` bool[B, L] (valid, not prompt), `is_masked` bool[B, L], `logits` f32[B, L, V].
+    """
+    x0 = batch["tokens"]
+    length = x0.shape[1]
+    if t.shape != x0.shape or u.shape != x0.shape:
+        raise ValueError(f"bd3_loss_terms: t {t.shape} and u {u.shape} must both have the tokens' shape {x0.shape}")
+    block_size = block.resolve_block_size(diff_cfg.block_size, length)
+    protect = _protected(batch, diff_cfg)
+    xt, is_masked = forward.forward_sample(x0, t, u, diff_cfg.mask_id, protect=protect, inclusive=True)
+    tokens, positions, key_mask = block.two_stream_inputs(xt, x0, batch["valid_mask"])
+    model = Transformer(model_cfg, Bd3TrainingMask(length, block_size))
+    logits = model.apply({"params": params}, tokens, positions=positions, key_mask=key_mask)[:, :length]
+    scored = ~protect
+    nll = jnp.where(scored, block.bd3_token_nll(logits, x0, xt, t, diff_cfg.mask_id, diff_cfg.clip_min), 0.0)
+    loss = jnp.sum(nll) / jnp.maximum(jnp.sum(scored), 1)
+    return loss, {"nll": nll, "scored": scored, "is_masked": is_masked, "logits": logits}
+
+
+def bd3_loss(params, batch, rng, *, model_cfg: ModelConfig, diff_cfg: DiffusionConfig):
+    """`bd3_loss_terms` with t (one per row and block, antithetic, clipped) and u drawn from `rng`."""
+    x0 = batch["tokens"]
+    b, length = x0.shape
+    t_rng, u_rng = jax.random.split(rng)
+    block_size = block.resolve_block_size(diff_cfg.block_size, length)
+    t = block.sample_block_times(t_rng, b, length, block_size, diff_cfg.clip_min, diff_cfg.clip_max,
+                                 diff_cfg.antithetic)
+    u = jax.random.uniform(u_rng, x0.shape, jnp.float32)
+    return bd3_loss_terms(params, batch, t, u, model_cfg=model_cfg, diff_cfg=diff_cfg)
 
 
 def diffusion_loss(params, batch, rng, *, model_cfg: ModelConfig, diff_cfg: DiffusionConfig):
     """Scalar training loss and a dict of scalar metrics for the configured objective."""
     x0 = batch["tokens"]
+    if diff_cfg.objective == "bd3":
+        loss, aux = bd3_loss(params, batch, rng, model_cfg=model_cfg, diff_cfg=diff_cfg)
+        return loss, _metrics(loss, aux["logits"], x0, aux["is_masked"])
     b = x0.shape[0]
     t_rng, u_rng = jax.random.split(rng)
     schedule = _schedule(diff_cfg)
@@ -42,20 +102,27 @@ def diffusion_loss(params, batch, rng, *, model_cfg: ModelConfig, diff_cfg: Diff
         loss, _ = losses.mdlm_loss(logits, x0, xt, t, batch["valid_mask"], schedule, mask_id=diff_cfg.mask_id)
     elif diff_cfg.objective == "llada":
         loss = losses.llada_pretrain_loss(logits, x0, is_masked, p_mask)
+    elif diff_cfg.objective == "masked_ce":
+        loss = losses.masked_ce_loss(logits, x0, is_masked)
     else:
         loss = losses.llada_sft_loss(logits, x0, is_masked, p_mask, batch["prompt_mask"])
-    masked_acc = jnp.sum((jnp.argmax(logits, -1) == x0) & is_masked) / jnp.maximum(jnp.sum(is_masked), 1)
-    return loss, {"loss": loss, "masked_accuracy": masked_acc, "masked_fraction": jnp.mean(is_masked)}
+    return loss, _metrics(loss, logits, x0, is_masked)
 
 
 def nelbo_sums(params, batch, rng, *, model_cfg: ModelConfig, diff_cfg: DiffusionConfig):
     """(sum of per-token NELBO terms in nats, number of scored tokens) for one batch.
 
     An unbiased one-sample estimate of the continuous-time NELBO with antithetic t over the batch. Scored
-    tokens are the ones the objective may noise (valid, and not prompt for SFT). Objectives that train with
-    the LLaDA mask probability are scored with the linear schedule alpha(t) = 1 - t (weight 1/t), whose
-    NELBO is the exact bound that their loss approximates; MDLM is scored with its own schedule and SUBS.
+    tokens are the ones the objective may noise (valid, and not prompt for SFT and bd3). Objectives that train
+    with the LLaDA mask probability are scored with the linear schedule alpha(t) = 1 - t (weight 1/t), whose
+    NELBO is the exact bound that their loss approximates; MDLM is scored with its own schedule and SUBS; bd3
+    with its block factorisation and the unbiased clip (1e-3, 1) whatever it trains with.
     """
+    if diff_cfg.objective == "bd3":
+        clip_min, clip_max = BD3_NELBO_CLIP
+        unbiased = dataclasses.replace(diff_cfg, clip_min=clip_min, clip_max=clip_max, antithetic=True)
+        _, aux = bd3_loss(params, batch, rng, model_cfg=model_cfg, diff_cfg=unbiased)
+        return jnp.sum(aux["nll"]), jnp.sum(aux["scored"])
     x0 = batch["tokens"]
     b = x0.shape[0]
     t_rng, u_rng = jax.random.split(rng)

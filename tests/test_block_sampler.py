@@ -1,0 +1,307 @@
+"""Block-diffusion sampling with a KV cache (issue 3, items 3 and 4) on a tiny random-weight Transformer.
+
+The slow twins: a full forward under an explicit dense BD3 mask (for the cache), `generate_blocks_uncached`
+(for the sampler), and a plain Python greedy loop over a growing prefix (for AR). Random draws are the same
+keys on both sides (ALGORITHMS.md §5.4), never compared as streams.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dlmjax.config import ModelConfig
+from dlmjax.models.attention import BlockCausalMask
+from dlmjax.models.transformer import Transformer, init_cache, init_params
+from dlmjax.sampling import BlockSamplerSettings, filter_logits, generate_blocks, generate_blocks_uncached
+
+# init_std well above the default so that random weights make peaked, varied predictions: near-uniform
+# logits would make the token-exact comparisons hinge on float ties.
+CFG = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=48,
+                  max_seq_len=32, init_std=0.3)
+MASK_ID = 39
+PARAMS = jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(0))
+
+
+def make_settings(**kwargs) -> BlockSamplerSettings:
+    kwargs.setdefault("mask_id", MASK_ID)
+    return BlockSamplerSettings(**kwargs)
+
+
+def make_prompt(lengths, seed=1):
+    """Left-padded prompts int32[B, max(lengths)] and their mask; padding holds token 0."""
+    rng = np.random.default_rng(seed)
+    width = max(lengths)
+    prompt = np.zeros((len(lengths), width), np.int32)
+    mask = np.zeros((len(lengths), width), bool)
+    for row, n in enumerate(lengths):
+        prompt[row, width - n:] = rng.integers(0, MASK_ID, size=n)
+        mask[row, width - n:] = True
+    return prompt, mask
+
+
+def bd3_clean_mask(key_mask: np.ndarray, block: int) -> np.ndarray:
+    """bool[B, N, N] from the definition: query block >= key block (M_BC / M_OBC | M_BD), real keys only."""
+    n = key_mask.shape[1]
+    q, kv = np.arange(n)[:, None] // block, np.arange(n)[None, :] // block
+    return (q >= kv)[None] & key_mask[:, None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache at the model level
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def dense_forward(cfg, params, tokens, positions, dense_mask):
+    return Transformer(cfg).apply({"params": params}, tokens, positions=positions, dense_mask=dense_mask)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def cached_forwards(cfg, prompt_length, block, params, tokens, positions, prompt_mask):
+    """PREFILL the prompt, COMMIT one clean block, DENOISE one noisy block: one program, so one compile."""
+    model = Transformer(cfg)
+    cache = init_cache(cfg, tokens.shape[0], tokens.shape[1])  # one block too many: unwritten slots stay unseen
+    inner = BlockCausalMask(block).dense(prompt_length, prompt_length)[None]
+    chunks = [slice(0, prompt_length), slice(prompt_length, prompt_length + block), slice(prompt_length + block, None)]
+    run = lambda part, cache, **kw: model.apply(  # noqa: E731
+        {"params": params}, tokens[:, part], positions=positions[:, part], cache=cache, **kw)
+    prefill, cache = run(chunks[0], cache, key_mask=prompt_mask, dense_mask=inner, update_cache=True)
+    committed, cache = run(chunks[1], cache, update_cache=True)
+    noisy, after = run(chunks[2], cache)
+    return jnp.concatenate([prefill, committed, noisy], axis=1), cache, after
+
+
+def stack_layers(params, n_layers):
+    """The unrolled model's parameters in the layout of `scan_layers=True` (layers stacked on axis 0)."""
+    blocks = [params[f"blocks_{i}"] for i in range(n_layers)]
+    rest = {name: value for name, value in params.items() if not name.startswith("blocks_")}
+    return {**rest, "blocks": jax.tree.map(lambda *layers: jnp.stack(layers), *blocks)}
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_cached_logits_equal_one_dense_forward(scan_layers):
+    block = 4
+    prompt, prompt_mask = make_prompt([8, 5])  # row 1: 3 padding slots
+    rng = np.random.default_rng(2)
+    clean = rng.integers(0, MASK_ID, size=(2, block)).astype(np.int32)
+    noisy = np.where(rng.random((2, block)) < 0.5, MASK_ID, rng.integers(0, MASK_ID, size=(2, block)))
+    tokens = np.concatenate([prompt, clean, noisy.astype(np.int32)], axis=1)  # [2, 16]
+    key_mask = np.concatenate([prompt_mask, np.ones((2, 2 * block), bool)], axis=1)
+    positions = np.maximum(np.cumsum(key_mask, axis=1) - 1, 0).astype(np.int32)
+    full = dense_forward(CFG, PARAMS, tokens, positions, bd3_clean_mask(key_mask, block))
+
+    cfg, params = CFG, PARAMS
+    if scan_layers:  # the same weights, scanned: the cache's leading axis is scanned with them
+        cfg, params = dataclasses.replace(CFG, scan_layers=True), stack_layers(PARAMS, CFG.n_layers)
+    logits, cache, after = cached_forwards(cfg, 8, block, params, tokens, positions, prompt_mask)
+
+    real = key_mask.copy()
+    real[:, :8] = prompt_mask  # padding queries are never read
+    np.testing.assert_allclose(np.asarray(logits)[real], np.asarray(full)[real], rtol=1e-5, atol=1e-5)
+    assert int(cache["index"]) == 12
+    np.testing.assert_array_equal(cache["key_mask"], np.concatenate([key_mask[:, :12], np.zeros((2, 4), bool)], 1))
+    # DENOISE leaves the cache as it was.
+    for name in cache:
+        np.testing.assert_array_equal(after[name], cache[name])
+
+
+def test_cached_call_errors():
+    model = Transformer(CFG)
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    cache = init_cache(CFG, 1, 8)
+    with pytest.raises(ValueError, match="absolute `positions`"):
+        model.apply({"params": PARAMS}, tokens, cache=cache)
+    with pytest.raises(ValueError, match="update_cache=True needs a cache"):
+        model.apply({"params": PARAMS}, tokens, update_cache=True)
+    with pytest.raises(ValueError, match="cannot fit a cache of 2 slots"):
+        model.apply({"params": PARAMS}, tokens, positions=tokens, cache=init_cache(CFG, 1, 2), update_cache=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exactness: cached == uncached
+
+
+# Shared with the naive AR test below so that it reuses the compiled samplers.
+AR_CASE = ([6, 3], dict(block_length=1, steps_per_block=1))
+
+
+@pytest.mark.parametrize("lengths, kwargs", [
+    AR_CASE,
+    ([6, 3], dict(block_length=2, steps_per_block=2, remasking="random")),
+    ([6, 3], dict(block_length=4, steps_per_block=2, temperature=0.8, top_k=8, top_p=0.9)),
+    # Block = gen_length (MDLM) without a prompt: nothing is prefilled or committed, so the cache has one
+    # slot while the denoised chunks have 8.
+    ([0, 0], dict(block_length=8, steps_per_block=4, remasking="random", temperature=1.0, top_k=5)),
+], ids=["ar", "bl2-random", "bl4-T-top_k-top_p", "bl8-random-T-top_k-no_prompt"])
+def test_cached_equals_uncached(lengths, kwargs):
+    settings = make_settings(gen_length=8, **kwargs)
+    prompt, prompt_mask = make_prompt(lengths)
+    rng = jax.random.key(7)
+    tokens, nfe = generate_blocks(CFG, PARAMS, prompt, settings, rng, prompt_mask=prompt_mask)
+    twin, twin_nfe = generate_blocks_uncached(CFG, PARAMS, prompt, settings, rng, prompt_mask=prompt_mask)
+    np.testing.assert_array_equal(tokens, twin)
+    assert not (np.asarray(tokens)[:, max(lengths):] == MASK_ID).any()
+    # uncached: S per block; cached adds the prefill (if there is a prompt) and the commits of every block
+    # but the last.
+    assert int(twin_nfe) == settings.steps
+    assert int(nfe) == settings.steps + (max(lengths) > 0) + settings.num_blocks - 1
+
+
+def test_ar_with_cache_equals_ar_without_and_a_naive_loop():
+    lengths, kwargs = AR_CASE
+    settings = make_settings(gen_length=8, **kwargs)
+    prompt, prompt_mask = make_prompt(lengths)
+    tokens, nfe = generate_blocks(CFG, PARAMS, prompt, settings, jax.random.key(0), prompt_mask=prompt_mask)
+    twin, _ = generate_blocks_uncached(CFG, PARAMS, prompt, settings, jax.random.key(0), prompt_mask=prompt_mask)
+
+    # Naive AR: for each new slot i, run the model on [clean prefix ; one mask at i] under a causal mask
+    # (over real tokens) and take the argmax at i. The buffer has a fixed width (one compile); the slots
+    # after i are invisible to i.
+    width = prompt.shape[1] + settings.gen_length
+    key_mask = np.concatenate([prompt_mask, np.ones((2, settings.gen_length), bool)], axis=1)
+    causal = np.tril(np.ones((width, width), bool))[None] & key_mask[:, None, :]
+    positions = np.maximum(np.cumsum(key_mask, axis=1) - 1, 0).astype(np.int32)
+    seq = np.zeros((2, width), np.int32)
+    seq[:, :prompt.shape[1]] = prompt
+    for i in range(prompt.shape[1], width):
+        seq[:, i] = MASK_ID
+        logits = np.array(dense_forward(CFG, PARAMS, seq, positions, causal))[:, i]
+        logits[:, MASK_ID] = -np.inf
+        seq[:, i] = logits.argmax(-1)
+    np.testing.assert_array_equal(tokens, seq)
+    np.testing.assert_array_equal(twin, seq)
+    assert int(nfe) == 1 + 8 + 7
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches: left padding, EOS
+
+BATCH_SETTINGS = make_settings(gen_length=8, block_length=4, steps_per_block=2)
+BATCH_LENGTHS = [5, 2]  # row 1's first prompt block is all padding
+
+
+def test_rows_of_different_prompt_lengths_equal_each_row_alone():
+    prompt, prompt_mask = make_prompt(BATCH_LENGTHS)
+    tokens, _ = generate_blocks(CFG, PARAMS, prompt, BATCH_SETTINGS, jax.random.key(0), prompt_mask=prompt_mask)
+    for row, n in enumerate(BATCH_LENGTHS):
+        alone, _ = generate_blocks(CFG, PARAMS, prompt[row:row + 1, -n:], BATCH_SETTINGS, jax.random.key(0))
+        np.testing.assert_array_equal(np.asarray(tokens)[row, -8:], np.asarray(alone)[0, -8:], err_msg=f"row {row}")
+
+
+def test_eos_stops_a_row_and_freezes_it_while_others_continue():
+    prompt, prompt_mask = make_prompt(BATCH_LENGTHS)
+    base, base_nfe = generate_blocks(CFG, PARAMS, prompt, BATCH_SETTINGS, jax.random.key(0), prompt_mask=prompt_mask)
+    gen = np.asarray(base)[:, -8:]
+    # An EOS id that row 0 emits in its first block and no other row ever emits.
+    candidates = [t for t in gen[0, :4] if t not in gen[1:]]
+    assert candidates, f"no usable EOS in this toy run: {gen}"
+    eos = int(candidates[0])
+    pad = next(t for t in range(MASK_ID) if t != eos)
+    settings = dataclasses.replace(BATCH_SETTINGS, eos_id=eos, pad_id=pad)
+
+    tokens, nfe = generate_blocks(CFG, PARAMS, prompt, settings, jax.random.key(0), prompt_mask=prompt_mask)
+    twin, _ = generate_blocks_uncached(CFG, PARAMS, prompt, settings, jax.random.key(0), prompt_mask=prompt_mask)
+    got = np.asarray(tokens)[:, -8:]
+    np.testing.assert_array_equal(tokens, twin)
+    np.testing.assert_array_equal(got[0], np.concatenate([gen[0, :4], np.full(4, pad)]))  # done, then frozen
+    np.testing.assert_array_equal(got[1:], gen[1:])  # the other rows did not notice
+    assert int(nfe) == int(base_nfe) == 1 + 2 * 2 + 1
+
+    # Alone, row 0 stops the whole loop after its first block, without a commit pass.
+    alone, alone_nfe = generate_blocks(CFG, PARAMS, prompt[:1], settings, jax.random.key(0),
+                                       prompt_mask=prompt_mask[:1])
+    np.testing.assert_array_equal(np.asarray(alone)[0, -8:], got[0])
+    assert int(alone_nfe) == 1 + 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Top-k / nucleus filtering against a plain numpy reading of the definition
+
+
+def naive_keep(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+    keep = np.zeros(logits.shape, bool)
+    for row in range(logits.shape[0]):
+        scaled = logits[row] / temperature if temperature > 0 else logits[row]
+        order = sorted(range(len(scaled)), key=lambda j: (-scaled[j], j))
+        if top_k:
+            order = order[:top_k]
+        p = np.exp(scaled[order] - scaled[order].max())
+        p = p / p.sum()
+        mass = 0.0
+        for j, pj in zip(order, p):
+            if mass >= top_p:
+                break
+            keep[row, j] = True
+            mass += pj
+    return keep
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (1.0, 3, 1.0), (0.7, 0, 0.5), (1.3, 6, 0.9), (0.0, 0, 0.3), (1.0, 1, 0.99)])
+def test_filter_logits_matches_its_definition(temperature, top_k, top_p):
+    logits = np.random.default_rng(4).normal(size=(5, 12)).astype(np.float32)
+    logits[0, 3] = logits[0, 7] = logits[0].max() + 1  # a tie for the top: lower id first
+    got = np.asarray(filter_logits(jnp.asarray(logits), temperature=temperature, top_k=top_k, top_p=top_p))
+    keep = naive_keep(logits, temperature, top_k, top_p)
+    np.testing.assert_array_equal(np.isfinite(got), keep)
+    np.testing.assert_array_equal(got[keep], logits[keep])
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors and compilation
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(ValueError, match="gen_length=10 is not a multiple of block_length=4"):
+        make_settings(gen_length=10, block_length=4)
+    with pytest.raises(ValueError, match="top_p=0"):
+        make_settings(gen_length=8, block_length=4, top_p=0)
+    with pytest.raises(ValueError, match="must differ from mask_id"):
+        make_settings(gen_length=8, block_length=4, eos_id=MASK_ID)
+    settings = make_settings(gen_length=8, block_length=4)
+    with pytest.raises(ValueError, match="exceeds the model context model.max_seq_len=32"):
+        generate_blocks(CFG, PARAMS, np.zeros((1, 25), np.int32), settings, jax.random.key(0))
+    with pytest.raises(ValueError, match="KV cache would overflow: .*cache_length=11 < 12"):
+        generate_blocks(CFG, PARAMS, np.zeros((1, 6), np.int32), dataclasses.replace(settings, cache_length=11),
+                        jax.random.key(0))
+    with pytest.raises(ValueError, match="mask_id=40 is not a token of the model"):
+        generate_blocks(CFG, PARAMS, np.zeros((1, 6), np.int32), dataclasses.replace(settings, mask_id=40),
+                        jax.random.key(0))
+
+
+class _CompileCounter(logging.Handler):
+    """Counts "Compiling jit(generate_blocks) ..." records (one per lowering, none on a cache hit)."""
+
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.count = 0
+
+    def emit(self, record):
+        if record.getMessage().startswith("Compiling jit(generate_blocks)"):
+            self.count += 1
+
+
+def test_generate_blocks_compiles_once_per_shape():
+    settings = make_settings(gen_length=4, block_length=2, steps_per_block=1)
+    prompt_a, mask_a = make_prompt([3, 1, 2], seed=5)  # shapes no other test uses
+    prompt_b, mask_b = make_prompt([2, 3, 3], seed=6)
+    counter = _CompileCounter()
+    logger = logging.getLogger("jax")
+    logger.addHandler(counter)
+    try:
+        with jax.log_compiles(True):
+            run = lambda p, m, s, seed: generate_blocks(  # noqa: E731
+                CFG, jax.tree.map(lambda w: w * seed, PARAMS), p, s, jax.random.key(seed),
+                prompt_mask=m)[0].block_until_ready()
+            run(prompt_a, mask_a, settings, 1)
+            first = counter.count
+            run(prompt_b, mask_b, settings, 2)  # new prompt values, mask, key and params: no recompile
+            second = counter.count - first
+    finally:
+        logger.removeHandler(counter)
+    assert (first, second) == (1, 0)
