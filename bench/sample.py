@@ -47,7 +47,7 @@ def per_step_python_loop(denoiser, params, prompt, settings, rng):
     key_mask = jnp.ones((b, lp + settings.gen_length), bool)
     canvas = jnp.concatenate([prompt, jnp.full((b, settings.gen_length), settings.mask_id, jnp.int32)], 1)
     step = jax.jit(denoise_step, static_argnames=("denoiser", "settings", "prompt_length", "block_start"))
-    count = jax.jit(lambda c, s: jnp.sum(c[:, s:s + settings.block_length] == settings.mask_id, 1))
+    count = jax.jit(lambda c, s: jnp.sum(c[:, s:s + settings.block_length] == settings.mask_id, 1), static_argnums=1)
     for blk in range(settings.num_blocks):
         start = lp + blk * settings.block_length
         table = transfer_counts(count(canvas, start), settings.steps_per_block)
