@@ -11,7 +11,7 @@ import json
 import sys
 from pathlib import Path
 
-from dlmjax.config import ConfigError, config_from_dict, load_config
+from dlmjax.config import ConfigError, apply_overrides, load_config
 
 
 def _parse_ids(text: str) -> list[list[int]]:
@@ -38,18 +38,9 @@ def cmd_eval(args) -> int:
 
     cfg, params = load(args.checkpoint)
     if args.overrides:
-        cfg = _apply(cfg.to_dict(), args.overrides)
+        cfg = apply_overrides(cfg, args.overrides)
     print_json(evaluate(cfg, params, show_examples=args.show, log=lambda s: print(s, file=sys.stderr)))
     return 0
-
-
-def _apply(raw: dict, overrides):
-    from dlmjax.config import parse_override
-
-    for text in overrides:
-        section, key, value = parse_override(text)
-        raw[section][key] = value
-    return config_from_dict(raw)
 
 
 def cmd_sample(args) -> int:

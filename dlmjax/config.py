@@ -355,14 +355,20 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 
     A file may name another as `base: other.yaml` (relative to itself); its sections are merged key by key.
     """
-    raw: dict = {}
-    if path is not None:
-        raw = _read_yaml(Path(path))
+    raw = _read_yaml(Path(path)) if path is not None else {}
+    return config_from_dict(_merge_overrides(raw, overrides))
+
+
+def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
+    """`cfg` with `section.key=value` overrides applied and everything re-validated."""
+    return config_from_dict(_merge_overrides(cfg.to_dict(), overrides))
+
+
+def _merge_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict:
     for text in overrides:
         section, key, value = parse_override(text)
-        raw.setdefault(section, {})
-        raw[section] = dict(raw[section] or {}, **{key: value})
-    return config_from_dict(raw)
+        raw[section] = dict(raw.get(section) or {}, **{key: value})
+    return raw
 
 
 def _read_yaml(path: Path, _seen: tuple = ()) -> dict:

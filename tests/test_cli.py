@@ -29,6 +29,8 @@ def test_train_prints_final_metrics_and_writes_the_workdir(run_dir, capsys):
     out = last_json(capsys.readouterr().out)
     assert {"exact_match", "nelbo_per_token", "ppl", "eval_problems"} <= set(out)
     assert out["eval_problems"] == 8
+    main(["eval", "--checkpoint", str(run_dir), "--show", "0", "data.eval_size=4"])  # overrides reach eval
+    assert last_json(capsys.readouterr().out)["eval_problems"] == 4
 
 
 def test_sample_text_and_json(run_dir, capsys):
