@@ -1,0 +1,82 @@
+"""Block-diffusion sampling with and without the KV cache: tokens/s and NFE for AR (block 1), block diffusion
+and full diffusion (block = generation length), on a small random-weight LLaDA-style model.
+
+    .venv/bin/python bench/block_sample.py [--gen-lengths 256 1024] [--block-sizes 1 4 16 0] [--d-model 64]
+        [--layers 2] [--batch 1] [--prompt-len 16] [--repeats 1]
+
+Block size 0 means the whole generation (MDLM-style, one block). Every block takes one commit per step, so
+all variants run G denoising steps. The cached sampler also runs a prefill pass and one commit pass per
+finished block; its NFE counts them. Timed after compilation with `block_until_ready`, median of --repeats.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from dlmjax.config import ModelConfig  # noqa: E402
+from dlmjax.models.transformer import count_params, init_params  # noqa: E402
+from dlmjax.sampling.block import generate_blocks, generate_blocks_uncached  # noqa: E402
+from dlmjax.sampling.settings import BlockSamplerSettings  # noqa: E402
+
+
+def timed(fn, repeats):
+    out = jax.block_until_ready(fn())  # compile + warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gen-lengths", type=int, nargs="+", default=[256, 1024])
+    ap.add_argument("--block-sizes", type=int, nargs="+", default=[1, 4, 16, 0])
+    ap.add_argument("--d-model", type=int, default=64)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=1)
+    a = ap.parse_args()
+    rows = []
+    for gen in a.gen_lengths:
+        cfg = ModelConfig(vocab_size=260, d_model=a.d_model, n_layers=a.layers, n_heads=4, mlp_hidden=3 * a.d_model,
+                          max_seq_len=a.prompt_len + gen + 16)
+        params = init_params(cfg, jax.random.PRNGKey(0))
+        prompt = jax.random.randint(jax.random.PRNGKey(1), (a.batch, a.prompt_len), 0, 256, jnp.int32)
+        for bs in a.block_sizes:
+            block = bs or gen
+            settings = BlockSamplerSettings(gen_length=gen, block_length=block, mask_id=259)
+            rng = jax.random.PRNGKey(2)
+            row = {"bench": "block_sample", "params": count_params(params), "batch": a.batch,
+                   "prompt_len": a.prompt_len, "gen_length": gen, "block_length": block}
+            for name, fn in (("cached", generate_blocks), ("uncached", generate_blocks_uncached)):
+                seconds, (tokens, nfe) = timed(lambda fn=fn: fn(cfg, params, prompt, settings, rng), a.repeats)
+                row[f"{name}_s"] = round(seconds, 3)
+                row[f"{name}_nfe"] = int(nfe)
+                row[f"{name}_tokens_per_s"] = round(a.batch * gen / seconds, 1)
+                row[f"{name}_tokens"] = tokens
+            row["same_tokens"] = bool(jnp.array_equal(row.pop("cached_tokens"), row.pop("uncached_tokens")))
+            row["speedup"] = round(row["uncached_s"] / row["cached_s"], 2)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    print(f"\n{'G':>5s} {'block':>5s} {'cached s':>9s} {'NFE':>5s} {'tok/s':>8s} {'uncached s':>10s} {'NFE':>5s}"
+          f" {'tok/s':>8s} {'speed-up':>8s} {'same':>5s}")
+    for r in rows:
+        print(f"{r['gen_length']:5d} {r['block_length']:5d} {r['cached_s']:9.3f} {r['cached_nfe']:5d} "
+              f"{r['cached_tokens_per_s']:8.1f} {r['uncached_s']:10.3f} {r['uncached_nfe']:5d} "
+              f"{r['uncached_tokens_per_s']:8.1f} {r['speedup']:8.2f} {str(r['same_tokens']):>5s}")
+
+
+if __name__ == "__main__":
+    main()
