@@ -18,10 +18,8 @@ from dlmjax.sharding import make_mesh
 from dlmjax.train.state import abstract_train_state, make_optimizer
 
 
-def _abstract(tree, shardings=None):
+def _abstract(tree, shardings):
     """ShapeDtypeStructs (carrying target shardings) that tell orbax where to put each restored array."""
-    if shardings is None:
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
@@ -48,7 +46,7 @@ class Checkpointer:
             items["config"] = ocp.args.JsonSave(config.to_dict())
         return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-    def restore_state(self, step: int, like_state, shardings=None, *, data_iter=None):
+    def restore_state(self, step: int, like_state, shardings, *, data_iter=None):
         """Restore the TrainState shaped like `like_state` (arrays or ShapeDtypeStructs) into `shardings`."""
         items = {"state": ocp.args.StandardRestore(_abstract(like_state, shardings))}
         if data_iter is not None:
