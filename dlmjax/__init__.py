@@ -14,15 +14,21 @@ Glossary (names in the code follow it; see ../README.md for the longer version):
   NFE            Number of denoiser forward passes actually executed.
   SUBS           MDLM's parameterisation: no mass on the mask token, unmasked slots copy their token.
   prefix / dual cache  K/V reuse for the prompt and finished blocks (prefix), and also the masked suffix (dual).
+  block diffusion  BD3-LM: blocks of `block_size` tokens, autoregressive across blocks, masked diffusion
+                 inside one; block size 1 is autoregression, block size = length is MDLM.
+  prefill / commit pass  Forwards that write K/V into the block sampler's cache: the prompt's full blocks once,
+                 then each finished block.
 
-Entry points: `dlmjax.generate` (jitted sampler), `dlmjax.load` (config and params of a checkpoint),
-`dlmjax.load_config`, `dlmjax.Denoiser`, and the `dlmjax` command line (`dlmjax.cli`).
+Entry points: `dlmjax.generate` (jitted masked sampler), `dlmjax.generate_blocks` (jitted block-diffusion
+sampler with a KV cache), `dlmjax.sample` (the sampler a run was trained for), `dlmjax.load` (config and params
+of a checkpoint), `dlmjax.load_config`, `dlmjax.Denoiser`, and the `dlmjax` command line (`dlmjax.cli`).
 """
 from dlmjax.checkpoint import load
 from dlmjax.config import Config, load_config
 from dlmjax.models.transformer import Denoiser, Transformer, init_params
-from dlmjax.sampling import SamplerSettings, generate
+from dlmjax.evaluate import sample
+from dlmjax.sampling import BlockSamplerSettings, SamplerSettings, generate, generate_blocks
 
 __version__ = "0.1.0"
-__all__ = ["Config", "Denoiser", "SamplerSettings", "Transformer", "generate", "init_params", "load",
-           "load_config"]
+__all__ = ["BlockSamplerSettings", "Config", "Denoiser", "SamplerSettings", "Transformer", "generate",
+           "generate_blocks", "init_params", "load", "load_config", "sample"]

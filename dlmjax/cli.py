@@ -44,14 +44,14 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    import dataclasses
+
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from dlmjax.checkpoint import load
     from dlmjax.data.tokenizer import ByteTokenizer
-    from dlmjax.models.transformer import Denoiser
-    from dlmjax.sampling import SamplerSettings, generate
+    from dlmjax.evaluate import sample, sampler_settings, uses_block_sampler
 
     cfg, params = load(args.checkpoint)
     tok = ByteTokenizer()
@@ -59,27 +59,32 @@ def cmd_sample(args) -> int:
         raise SystemExit("give exactly one of --prompt TEXT or --prompt-ids 1,2,3[;4,5,6]")
     rows = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else [tok.encode(args.prompt, bos=True)]
     width = max(len(r) for r in rows)
-    if any(len(r) != width for r in rows):
-        raise SystemExit("--prompt-ids rows must have equal length (left-pad them yourself for now)")
-    gen = args.gen_length or cfg.sample.gen_length or (cfg.data.seq_len - width)
-    if gen <= 0:
-        raise SystemExit(f"--gen-length resolves to {gen}; pass --gen-length N > 0")
-    if width + gen > cfg.model.max_seq_len:
-        raise SystemExit(f"prompt ({width}) + gen_length ({gen}) = {width + gen} exceeds the model's context "
-                         f"model.max_seq_len={cfg.model.max_seq_len}")
-    settings = SamplerSettings(gen_length=gen, steps=args.steps or cfg.sample.steps or gen,
-                               block_length=args.block_length or cfg.sample.block_length or gen,
-                               remasking=args.remasking or cfg.sample.remasking,
-                               temperature=cfg.sample.temperature if args.temperature is None else args.temperature,
-                               cfg_scale=args.cfg_scale, mask_id=cfg.diffusion.mask_id)
-    prompt = jnp.asarray(np.asarray(rows, np.int32))
-    tokens, nfe = generate(Denoiser(cfg.model), params, prompt, settings, jax.random.PRNGKey(args.seed))
+    # Rows of different lengths are left-padded; the mask keeps the padding out of attention.
+    prompt = np.zeros((len(rows), width), np.int32)
+    prompt_mask = np.zeros((len(rows), width), bool)
+    for i, r in enumerate(rows):
+        prompt[i, width - len(r):] = r
+        prompt_mask[i, width - len(r):] = True
+    flags = {"gen_length": args.gen_length, "steps": args.steps, "block_length": args.block_length,
+             "steps_per_block": args.steps_per_block, "remasking": args.remasking, "temperature": args.temperature}
+    cfg = dataclasses.replace(cfg, sample=dataclasses.replace(
+        cfg.sample, **{k: v for k, v in flags.items() if v is not None}))
+    settings = sampler_settings(cfg, width)
+    if args.cfg_scale:
+        if uses_block_sampler(cfg):
+            raise SystemExit("--cfg-scale: classifier-free guidance is implemented for the masked sampler only; "
+                             f"this checkpoint (diffusion.objective={cfg.diffusion.objective}) uses the block sampler")
+        settings = dataclasses.replace(settings, cfg_scale=args.cfg_scale)
+    tokens, nfe = sample(cfg, params, prompt, jax.random.PRNGKey(args.seed), settings=settings,
+                         prompt_mask=prompt_mask)
     tokens = np.asarray(tokens)
+    # Each row as prompt + generation: the block sampler already drops padding, the masked one keeps it.
+    out = [row.tolist() if uses_block_sampler(cfg) else row[width - len(r):].tolist() for row, r in zip(tokens, rows)]
     if args.json:
-        print(json.dumps({"tokens": tokens.tolist(), "nfe": int(nfe)}))
+        print(json.dumps({"tokens": out, "nfe": int(nfe)}))
     else:
-        for row in tokens:
-            print(tok.decode(row[width:].tolist()) if args.prompt is not None else row.tolist())
+        for row, r in zip(out, rows):
+            print(tok.decode(row[len(r):]) if args.prompt is not None else row)
     return 0
 
 
@@ -97,9 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--checkpoint", required=True, help="a training workdir or its checkpoints/ folder")
     s.add_argument("--prompt", help="text prompt (byte tokenizer, BOS prepended)")
     s.add_argument("--prompt-ids", help="token ids: 1,2,3 or rows 1,2,3;4,5,6")
-    s.add_argument("--gen-length", type=int, default=0)
-    s.add_argument("--steps", type=int, default=0)
-    s.add_argument("--block-length", type=int, default=0)
+    s.add_argument("--gen-length", type=int, help="generated slots (default: the rest of a training row)")
+    s.add_argument("--steps", type=int, help="masked sampler: denoising steps over all blocks")
+    s.add_argument("--block-length", type=int,
+                   help="masked sampler: semi-AR block; block sampler (bd3 runs): block size (default: trained)")
+    s.add_argument("--steps-per-block", type=int, help="block sampler: denoising steps per block")
     s.add_argument("--remasking", choices=["low_confidence", "random"])
     s.add_argument("--temperature", type=float)
     s.add_argument("--cfg-scale", type=float, default=0.0)

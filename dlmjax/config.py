@@ -203,18 +203,24 @@ class CheckpointConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SampleConfig:
-    """Defaults for `dlmjax sample` / `dlmjax eval` (see `dlmjax.sampling.SamplerSettings`)."""
+    """Defaults for `dlmjax sample` / `dlmjax eval`.
 
-    gen_length: int = 0  # 0: the answer region of the task (seq_len - prompt)
-    steps: int = 0  # 0: one commit per step (= gen_length)
-    block_length: int = 0  # 0: one block (= gen_length)
+    Models trained with `diffusion.objective=bd3` sample with the block sampler (`generate_blocks`, KV cache,
+    blocks on the training grid, rows stop at EOS); every other objective with the masked sampler
+    (`generate`, LLaDA's semi-autoregressive blocks over the generated region).
+    """
+
+    gen_length: int = 0  # 0: the rest of the row (data.seq_len - prompt)
+    steps: int = 0  # masked sampler: denoising steps over all blocks; 0: one commit per step (= gen_length)
+    block_length: int = 0  # masked sampler: 0 is one block (= gen_length); bd3: 0 is diffusion.block_size
+    steps_per_block: int = 0  # bd3 block sampler: 0 is one commit per step (= block length)
     remasking: str = "low_confidence"
     temperature: float = 0.0
     batch_size: int = 250
 
     def __post_init__(self):
         _check_choice("sample", "remasking", self.remasking, {"low_confidence", "random"})
-        for name in ("gen_length", "steps", "block_length"):
+        for name in ("gen_length", "steps", "block_length", "steps_per_block"):
             _check_positive("sample", name, getattr(self, name), allow_zero=True)
         _check_positive("sample", "temperature", self.temperature, allow_zero=True)
         _check_positive("sample", "batch_size", self.batch_size)

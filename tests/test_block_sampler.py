@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from dlmjax.config import ModelConfig
-from dlmjax.models.attention import BlockCausalMask
+from dlmjax.diffusion.block import two_stream_inputs
+from dlmjax.models.attention import BlockCausalMask, Bd3TrainingMask
 from dlmjax.models.transformer import Transformer, init_cache, init_params
 from dlmjax.sampling import BlockSamplerSettings, filter_logits, generate_blocks, generate_blocks_uncached
 
@@ -110,6 +111,30 @@ def test_cached_logits_equal_one_dense_forward(scan_layers):
         np.testing.assert_array_equal(after[name], cache[name])
 
 
+def test_denoise_forward_sees_what_bd3_training_saw():
+    """A prompt ending inside a block: the sampler's PREFILL + DENOISE logits for that block equal the noisy
+    half of the BD3 training forward on [x_t ; x_0] (Bd3TrainingMask), i.e. sampling and training share one
+    block grid counted from the row's first token."""
+    length, block, prompt_length = 16, 4, 6  # the prompt fills block 0 and half of block 1
+    rng = np.random.default_rng(5)
+    x0 = rng.integers(0, MASK_ID, size=(2, length)).astype(np.int32)
+    xt = x0.copy()
+    xt[:, prompt_length:] = MASK_ID  # everything after the prompt is still to generate
+    xt[1, 7] = x0[1, 7]  # row 1 already committed one slot of the block
+    tokens, positions, key_mask = two_stream_inputs(jnp.asarray(xt), jnp.asarray(x0), jnp.ones((2, length), bool))
+    train_logits = Transformer(CFG, Bd3TrainingMask(length, block)).apply(
+        {"params": PARAMS}, tokens, positions=positions, key_mask=key_mask)[:, block:2 * block]
+
+    model = Transformer(CFG)
+    cache = init_cache(CFG, 2, length - block)
+    pos = np.broadcast_to(np.arange(length, dtype=np.int32), (2, length))
+    _, cache = model.apply({"params": PARAMS}, x0[:, :block], positions=pos[:, :block], cache=cache,
+                           update_cache=True, dense_mask=BlockCausalMask(block).dense(block, block)[None])
+    logits, _ = model.apply({"params": PARAMS}, xt[:, block:2 * block], positions=pos[:, block:2 * block],
+                            cache=cache)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(train_logits), rtol=1e-5, atol=1e-5)
+
+
 def test_cached_call_errors():
     model = Transformer(CFG)
     tokens = jnp.zeros((1, 4), jnp.int32)
@@ -126,6 +151,17 @@ def test_cached_call_errors():
 # Exactness: cached == uncached
 
 
+def expected_steps(lengths, settings) -> int:
+    """Denoising steps the samplers run, from the definition: every block from the one holding the shortest
+    prompt's end takes min(S, most masked slots of a row), the front-loaded table's nonzero columns."""
+    steps = 0
+    for b in range(min(lengths) // settings.block_length, settings.num_blocks):
+        lo = b * settings.block_length
+        masked = [min(max(lo + settings.block_length - n, 0), settings.block_length) for n in lengths]
+        steps += min(settings.steps_per_block, max(masked))
+    return steps
+
+
 # Shared with the naive AR test below so that it reuses the compiled samplers.
 AR_CASE = ([6, 3], dict(block_length=1, steps_per_block=1))
 
@@ -133,56 +169,77 @@ AR_CASE = ([6, 3], dict(block_length=1, steps_per_block=1))
 @pytest.mark.parametrize("lengths, kwargs", [
     AR_CASE,
     ([6, 3], dict(block_length=2, steps_per_block=2, remasking="random")),
+    # Both prompts end inside a block (6 = 4 + 2, 3): the first generated block holds the prompt's tail.
     ([6, 3], dict(block_length=4, steps_per_block=2, temperature=0.8, top_k=8, top_p=0.9)),
-    # Block = gen_length (MDLM) without a prompt: nothing is prefilled or committed, so the cache has one
-    # slot while the denoised chunks have 8.
-    ([0, 0], dict(block_length=8, steps_per_block=4, remasking="random", temperature=1.0, top_k=5)),
-], ids=["ar", "bl2-random", "bl4-T-top_k-top_p", "bl8-random-T-top_k-no_prompt"])
+    ([5, 7], dict(block_length=4, steps_per_block=3)),
+    # Block = max_length (MDLM): nothing is prefilled or committed, so the cache has one slot while the
+    # denoised chunks have 16.
+    ([0, 0], dict(block_length=16, steps_per_block=4, remasking="random", temperature=1.0, top_k=5)),
+    ([3, 2], dict(block_length=16, steps_per_block=16)),
+], ids=["ar", "bl2-random", "bl4-T-top_k-top_p", "bl4-prompts-mid-block", "mdlm-random-T-top_k-no_prompt",
+        "mdlm-prompt"])
 def test_cached_equals_uncached(lengths, kwargs):
-    settings = make_settings(gen_length=8, **kwargs)
+    settings = make_settings(max_length=16, **kwargs)
     prompt, prompt_mask = make_prompt(lengths)
     rng = jax.random.key(7)
     tokens, nfe = generate_blocks(CFG, PARAMS, prompt, settings, rng, prompt_mask=prompt_mask)
     twin, twin_nfe = generate_blocks_uncached(CFG, PARAMS, prompt, settings, rng, prompt_mask=prompt_mask)
+    tokens = np.asarray(tokens)
     np.testing.assert_array_equal(tokens, twin)
-    assert not (np.asarray(tokens)[:, max(lengths):] == MASK_ID).any()
-    # uncached: S per block; cached adds the prefill (if there is a prompt) and the commits of every block
-    # but the last.
-    assert int(twin_nfe) == settings.steps
-    assert int(nfe) == settings.steps + (max(lengths) > 0) + settings.num_blocks - 1
+    assert not (tokens == MASK_ID).any()
+    for row, n in enumerate(lengths):  # each row starts with its own prompt, padding removed
+        np.testing.assert_array_equal(tokens[row, :n], prompt[row, prompt_mask[row]])
+    # uncached: the denoising steps; cached adds the prefill (if the longest prompt has a full block) and a
+    # commit after every block it visits but the last.
+    steps = expected_steps(lengths, settings)
+    first = min(lengths) // settings.block_length
+    assert int(twin_nfe) == steps
+    assert int(nfe) == steps + (max(lengths) >= settings.block_length) + settings.num_blocks - first - 1
 
 
 def test_ar_with_cache_equals_ar_without_and_a_naive_loop():
     lengths, kwargs = AR_CASE
-    settings = make_settings(gen_length=8, **kwargs)
+    settings = make_settings(max_length=16, **kwargs)
     prompt, prompt_mask = make_prompt(lengths)
     tokens, nfe = generate_blocks(CFG, PARAMS, prompt, settings, jax.random.key(0), prompt_mask=prompt_mask)
     twin, _ = generate_blocks_uncached(CFG, PARAMS, prompt, settings, jax.random.key(0), prompt_mask=prompt_mask)
 
-    # Naive AR: for each new slot i, run the model on [clean prefix ; one mask at i] under a causal mask
-    # (over real tokens) and take the argmax at i. The buffer has a fixed width (one compile); the slots
+    # Naive AR, one row at a time: for each new slot i, run the model on [clean prefix ; one mask at i]
+    # under a causal mask and take the argmax at i. The buffer has a fixed width (one compile); the slots
     # after i are invisible to i.
-    width = prompt.shape[1] + settings.gen_length
-    key_mask = np.concatenate([prompt_mask, np.ones((2, settings.gen_length), bool)], axis=1)
-    causal = np.tril(np.ones((width, width), bool))[None] & key_mask[:, None, :]
-    positions = np.maximum(np.cumsum(key_mask, axis=1) - 1, 0).astype(np.int32)
-    seq = np.zeros((2, width), np.int32)
-    seq[:, :prompt.shape[1]] = prompt
-    for i in range(prompt.shape[1], width):
-        seq[:, i] = MASK_ID
-        logits = np.array(dense_forward(CFG, PARAMS, seq, positions, causal))[:, i]
-        logits[:, MASK_ID] = -np.inf
-        seq[:, i] = logits.argmax(-1)
-    np.testing.assert_array_equal(tokens, seq)
-    np.testing.assert_array_equal(twin, seq)
-    assert int(nfe) == 1 + 8 + 7
+    width = settings.max_length
+    causal = np.tril(np.ones((width, width), bool))[None]
+    positions = np.arange(width, dtype=np.int32)[None]
+    for row, n in enumerate(lengths):
+        seq = np.full((1, width), MASK_ID, np.int32)
+        seq[0, :n] = prompt[row, prompt_mask[row]]
+        for i in range(n, width):
+            logits = np.array(dense_forward(CFG, PARAMS, seq, positions, causal))[0, i]
+            logits[MASK_ID] = -np.inf
+            seq[0, i] = logits.argmax()
+        np.testing.assert_array_equal(np.asarray(tokens)[row], seq[0], err_msg=f"row {row}")
+        np.testing.assert_array_equal(np.asarray(twin)[row], seq[0], err_msg=f"row {row}")
+    # prefill of the longest prompt's 6 slots, then 13 one-token blocks from slot 3, committed but the last.
+    assert int(nfe) == 1 + 13 + 12
+
+
+def test_right_padding_is_the_same_request_as_left_padding():
+    settings = make_settings(max_length=16, block_length=4, steps_per_block=2)
+    prompt, prompt_mask = make_prompt([6, 3])
+    right = np.zeros_like(prompt)
+    for row in range(2):
+        real = prompt[row, prompt_mask[row]]
+        right[row, :len(real)] = real
+    tokens, _ = generate_blocks(CFG, PARAMS, prompt, settings, jax.random.key(3), prompt_mask=prompt_mask)
+    flipped, _ = generate_blocks(CFG, PARAMS, right, settings, jax.random.key(3), prompt_mask=prompt_mask[:, ::-1])
+    np.testing.assert_array_equal(tokens, flipped)
 
 
 # ---------------------------------------------------------------------------------------------
-# Batches: left padding, EOS
+# Batches: unequal prompts, EOS
 
-BATCH_SETTINGS = make_settings(gen_length=8, block_length=4, steps_per_block=2)
-BATCH_LENGTHS = [5, 2]  # row 1's first prompt block is all padding
+BATCH_SETTINGS = make_settings(max_length=12, block_length=4, steps_per_block=2)
+BATCH_LENGTHS = [5, 2]  # row 0 starts generating in block 1, row 1 in block 0
 
 
 def test_rows_of_different_prompt_lengths_equal_each_row_alone():
@@ -190,32 +247,33 @@ def test_rows_of_different_prompt_lengths_equal_each_row_alone():
     tokens, _ = generate_blocks(CFG, PARAMS, prompt, BATCH_SETTINGS, jax.random.key(0), prompt_mask=prompt_mask)
     for row, n in enumerate(BATCH_LENGTHS):
         alone, _ = generate_blocks(CFG, PARAMS, prompt[row:row + 1, -n:], BATCH_SETTINGS, jax.random.key(0))
-        np.testing.assert_array_equal(np.asarray(tokens)[row, -8:], np.asarray(alone)[0, -8:], err_msg=f"row {row}")
+        np.testing.assert_array_equal(np.asarray(tokens)[row], np.asarray(alone)[0], err_msg=f"row {row}")
 
 
 def test_eos_stops_a_row_and_freezes_it_while_others_continue():
     prompt, prompt_mask = make_prompt(BATCH_LENGTHS)
     base, base_nfe = generate_blocks(CFG, PARAMS, prompt, BATCH_SETTINGS, jax.random.key(0), prompt_mask=prompt_mask)
-    gen = np.asarray(base)[:, -8:]
-    # An EOS id that row 0 emits in its first block and no other row ever emits.
-    candidates = [t for t in gen[0, :4] if t not in gen[1:]]
-    assert candidates, f"no usable EOS in this toy run: {gen}"
+    base = np.asarray(base)
+    # An EOS id that row 0 generates in its first block (slots 5..7) and row 1 never generates.
+    candidates = [t for t in base[0, 5:8] if t not in base[1, 2:]]
+    assert candidates, f"no usable EOS in this toy run: {base}"
     eos = int(candidates[0])
     pad = next(t for t in range(MASK_ID) if t != eos)
     settings = dataclasses.replace(BATCH_SETTINGS, eos_id=eos, pad_id=pad)
 
     tokens, nfe = generate_blocks(CFG, PARAMS, prompt, settings, jax.random.key(0), prompt_mask=prompt_mask)
     twin, _ = generate_blocks_uncached(CFG, PARAMS, prompt, settings, jax.random.key(0), prompt_mask=prompt_mask)
-    got = np.asarray(tokens)[:, -8:]
-    np.testing.assert_array_equal(tokens, twin)
-    np.testing.assert_array_equal(got[0], np.concatenate([gen[0, :4], np.full(4, pad)]))  # done, then frozen
-    np.testing.assert_array_equal(got[1:], gen[1:])  # the other rows did not notice
-    assert int(nfe) == int(base_nfe) == 1 + 2 * 2 + 1
+    got = np.asarray(tokens)
+    np.testing.assert_array_equal(got, twin)
+    np.testing.assert_array_equal(got[0], np.concatenate([base[0, :8], np.full(4, pad)]))  # done, then frozen
+    np.testing.assert_array_equal(got[1], base[1])  # the other row did not notice
+    # prefill 1; block 0: 2 steps (row 1 has 2 masked slots), commit; block 1: 2, commit; block 2: 2.
+    assert int(nfe) == int(base_nfe) == 1 + 2 + 1 + 2 + 1 + 2
 
     # Alone, row 0 stops the whole loop after its first block, without a commit pass.
     alone, alone_nfe = generate_blocks(CFG, PARAMS, prompt[:1], settings, jax.random.key(0),
                                        prompt_mask=prompt_mask[:1])
-    np.testing.assert_array_equal(np.asarray(alone)[0, -8:], got[0])
+    np.testing.assert_array_equal(np.asarray(alone)[0], got[0])
     assert int(alone_nfe) == 1 + 2
 
 
@@ -257,21 +315,27 @@ def test_filter_logits_matches_its_definition(temperature, top_k, top_p):
 
 
 def test_errors_name_the_problem():
-    with pytest.raises(ValueError, match="gen_length=10 is not a multiple of block_length=4"):
-        make_settings(gen_length=10, block_length=4)
+    with pytest.raises(ValueError, match="max_length=10 is not a multiple of block_length=4"):
+        make_settings(max_length=10, block_length=4)
     with pytest.raises(ValueError, match="top_p=0"):
-        make_settings(gen_length=8, block_length=4, top_p=0)
+        make_settings(max_length=8, block_length=4, top_p=0)
     with pytest.raises(ValueError, match="must differ from mask_id"):
-        make_settings(gen_length=8, block_length=4, eos_id=MASK_ID)
-    settings = make_settings(gen_length=8, block_length=4)
-    with pytest.raises(ValueError, match="exceeds the model context model.max_seq_len=32"):
-        generate_blocks(CFG, PARAMS, np.zeros((1, 25), np.int32), settings, jax.random.key(0))
+        make_settings(max_length=8, block_length=4, eos_id=MASK_ID)
+    with pytest.raises(ValueError, match="max_length=36 exceeds the model context model.max_seq_len=32"):
+        generate_blocks(CFG, PARAMS, np.zeros((1, 6), np.int32), make_settings(max_length=36, block_length=4),
+                        jax.random.key(0))
+    settings = make_settings(max_length=16, block_length=4)
+    with pytest.raises(ValueError, match=r"prompt \(16 tokens\) leaves nothing to generate"):
+        generate_blocks(CFG, PARAMS, np.zeros((1, 16), np.int32), settings, jax.random.key(0))
     with pytest.raises(ValueError, match="KV cache would overflow: .*cache_length=11 < 12"):
         generate_blocks(CFG, PARAMS, np.zeros((1, 6), np.int32), dataclasses.replace(settings, cache_length=11),
                         jax.random.key(0))
     with pytest.raises(ValueError, match="mask_id=40 is not a token of the model"):
         generate_blocks(CFG, PARAMS, np.zeros((1, 6), np.int32), dataclasses.replace(settings, mask_id=40),
                         jax.random.key(0))
+    with pytest.raises(ValueError, match=r"prompt_mask must have the prompt's shape \[1, 6\]"):
+        generate_blocks(CFG, PARAMS, np.zeros((1, 6), np.int32), settings, jax.random.key(0),
+                        prompt_mask=np.ones((1, 5), bool))
 
 
 class _CompileCounter(logging.Handler):
@@ -287,7 +351,7 @@ class _CompileCounter(logging.Handler):
 
 
 def test_generate_blocks_compiles_once_per_shape():
-    settings = make_settings(gen_length=4, block_length=2, steps_per_block=1)
+    settings = make_settings(max_length=8, block_length=2, steps_per_block=1)
     prompt_a, mask_a = make_prompt([3, 1, 2], seed=5)  # shapes no other test uses
     prompt_b, mask_b = make_prompt([2, 3, 3], seed=6)
     counter = _CompileCounter()

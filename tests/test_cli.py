@@ -56,5 +56,41 @@ def test_errors_are_reported_without_a_traceback(argv, message, capsys):
 
 
 def test_sample_rejects_prompts_longer_than_the_context(run_dir, capsys):
-    with pytest.raises(SystemExit, match="exceeds the model's context"):
-        main(["sample", "--checkpoint", str(run_dir), "--prompt", "1" * 20, "--gen-length", "4"])
+    assert main(["sample", "--checkpoint", str(run_dir), "--prompt", "1" * 20, "--gen-length", "4"]) == 2
+    assert "exceeds the model's context model.max_seq_len=16" in capsys.readouterr().err
+
+
+def test_sample_rows_of_different_lengths(run_dir, capsys):
+    """Unequal --prompt-ids rows are left-padded with a key mask: each row comes back as prompt + generation,
+    equal to the row sampled alone."""
+    common = ["sample", "--checkpoint", str(run_dir), "--json", "--gen-length", "4", "--steps", "4"]
+    assert main([*common, "--prompt-ids", "257,49,50,43;257,51"]) == 0
+    batch = last_json(capsys.readouterr().out)["tokens"]
+    assert [len(row) for row in batch] == [8, 6] and batch[1][:2] == [257, 51]
+    assert main([*common, "--prompt-ids", "257,51"]) == 0
+    assert last_json(capsys.readouterr().out)["tokens"] == [batch[1]]
+
+
+@pytest.fixture(scope="module")
+def bd3_run_dir(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("cli") / "bd4"
+    config = str(Path(DEMO).with_name("addition_bd4.yaml"))
+    assert main(["train", "--config", config, "--workdir", str(workdir), *TINY]) == 0
+    return workdir
+
+
+def test_block_diffusion_run_samples_with_the_block_sampler(bd3_run_dir, capsys):
+    main(["eval", "--checkpoint", str(bd3_run_dir), "--show", "0"])
+    out = last_json(capsys.readouterr().out)
+    assert out["sampler"] == "block" and out["eval_problems"] == 8
+    # 9-token prompts on a 16-slot row with blocks of 4: the prompt ends inside block 2, so the row takes
+    # 3 + 4 steps unless EOS stops it, plus the prefill and the commit of block 2.
+    assert main(["sample", "--checkpoint", str(bd3_run_dir), "--json", "--prompt-ids",
+                 "257,49,50,51,43,52,53,54,61;257,49,43,50,61"]) == 0
+    out = last_json(capsys.readouterr().out)
+    assert [len(row) for row in out["tokens"]] == [16, 16]
+    assert out["tokens"][1][:5] == [257, 49, 43, 50, 61] and all(259 not in row for row in out["tokens"])
+    assert main(["sample", "--checkpoint", str(bd3_run_dir), "--prompt-ids", "257,49", "--gen-length", "5"]) == 2
+    assert "is not a multiple of the block length 4" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="guidance is implemented for the masked sampler only"):
+        main(["sample", "--checkpoint", str(bd3_run_dir), "--prompt-ids", "257,49", "--cfg-scale", "1"])

@@ -203,6 +203,16 @@ def denoise_step(
     return commit(canvas, proposal, select_commits(scores, k))
 
 
+def check_request(prompt, settings, settings_type) -> jax.Array:
+    """The static checks every sampler makes before tracing: the settings' type and an int[B, Lp] prompt."""
+    if not isinstance(settings, settings_type):
+        raise TypeError(f"settings must be a {settings_type.__name__}, got {type(settings).__name__}")
+    prompt = jnp.asarray(prompt)
+    if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise ValueError(f"prompt must be int[batch, prompt_length], got {prompt.dtype}{list(prompt.shape)}")
+    return prompt
+
+
 @functools.partial(jax.jit, static_argnames=("denoiser", "settings", "return_history"))
 def generate(
     denoiser: Denoiser,
@@ -235,11 +245,7 @@ def generate(
         equals `settings.steps`.
       history (only if `return_history`): int32[steps, B, Lp + G], the canvas after each step.
     """
-    if not isinstance(settings, SamplerSettings):
-        raise TypeError(f"settings must be a SamplerSettings, got {type(settings).__name__}")
-    prompt = jnp.asarray(prompt)
-    if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
-        raise ValueError(f"prompt must be int[batch, prompt_length], got {prompt.dtype}{list(prompt.shape)}")
+    prompt = check_request(prompt, settings, SamplerSettings)
     batch, prompt_length = prompt.shape
     gen_length = settings.gen_length
     if prompt_mask is None:

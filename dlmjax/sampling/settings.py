@@ -63,10 +63,7 @@ class SamplerSettings:
 
     def validate(self) -> None:
         """Raises ValueError naming the field, its value and what is allowed."""
-        for name in ("gen_length", "steps", "block_length"):
-            value = getattr(self, name)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"SamplerSettings.{name}={value!r} is not allowed; use an int >= 1")
+        check_positive_ints(self, ("gen_length", "steps", "block_length"))
         if self.gen_length % self.block_length:
             divisors = [d for d in range(1, self.gen_length + 1) if self.gen_length % d == 0]
             raise ValueError(
@@ -79,21 +76,11 @@ class SamplerSettings:
                 f"SamplerSettings.steps={self.steps} is not a multiple of num_blocks={num_blocks} "
                 f"(= gen_length // block_length); choose one of {num_blocks}, {2 * num_blocks}, "
                 f"{3 * num_blocks}, ...")
-        if self.remasking not in REMASKING_RULES:
-            raise ValueError(
-                f"SamplerSettings.remasking={self.remasking!r} is not allowed; choose one of "
-                f"{list(REMASKING_RULES)}")
-        for name in ("temperature", "cfg_scale"):
-            value = getattr(self, name)
-            if not _is_real(value) or not math.isfinite(value) or value < 0:
-                raise ValueError(
-                    f"SamplerSettings.{name}={value!r} is not allowed; use a finite number >= 0 "
-                    f"(0 turns it off)")
-        if not _is_int(self.mask_id) or self.mask_id < 0:
-            raise ValueError(f"SamplerSettings.mask_id={self.mask_id!r} is not allowed; use an int >= 0")
-        if self.eos_id is not None and (not _is_int(self.eos_id) or self.eos_id < 0):
-            raise ValueError(
-                f"SamplerSettings.eos_id={self.eos_id!r} is not allowed; use None or an int >= 0")
+        check_choice(self, "remasking", REMASKING_RULES)
+        check_nonnegative_reals(self, ("temperature", "cfg_scale"), off="0 turns it off")
+        check_token_ids(self, ("mask_id", "eos_id"))
+        if self.mask_id is None:
+            raise ValueError("SamplerSettings.mask_id=None is not allowed; use an int >= 0")
         if not isinstance(self.logits_eos_inf, bool):
             raise ValueError(
                 f"SamplerSettings.logits_eos_inf={self.logits_eos_inf!r} is not allowed; use a bool")
@@ -101,6 +88,38 @@ class SamplerSettings:
             raise ValueError(
                 "SamplerSettings.logits_eos_inf=True needs eos_id, which is None; set eos_id to the "
                 "model's EOS token id, or logits_eos_inf=False")
+
+
+# Field checks shared by the settings classes: each raises ValueError naming class, field, value and rule.
+
+def check_positive_ints(settings, fields) -> None:
+    for field in fields:
+        value = getattr(settings, field)
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{type(settings).__name__}.{field}={value!r} is not allowed; use an int >= 1")
+
+
+def check_choice(settings, field, allowed) -> None:
+    value = getattr(settings, field)
+    if value not in allowed:
+        raise ValueError(
+            f"{type(settings).__name__}.{field}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def check_nonnegative_reals(settings, fields, *, off: str) -> None:
+    for field in fields:
+        value = getattr(settings, field)
+        if not _is_real(value) or not math.isfinite(value) or value < 0:
+            raise ValueError(
+                f"{type(settings).__name__}.{field}={value!r} is not allowed; use a finite number >= 0 ({off})")
+
+
+def check_token_ids(settings, fields) -> None:
+    """Optional token ids: None or an int >= 0 (whether it is in the vocabulary is checked against the model)."""
+    for field in fields:
+        value = getattr(settings, field)
+        if value is not None and (not _is_int(value) or value < 0):
+            raise ValueError(f"{type(settings).__name__}.{field}={value!r} is not allowed; use an int >= 0")
 
 
 def _is_int(value) -> bool:
@@ -114,33 +133,35 @@ def _is_real(value) -> bool:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BlockSamplerSettings:
-    """How the block-diffusion sampler (`generate_blocks`, ALGORITHMS.md §4.4, §4.10) fills `gen_length` slots.
+    """How the block-diffusion sampler (`generate_blocks`, ALGORITHMS.md §4.4, §4.10) fills rows up to `max_length`.
 
-    Blocks of `block_length` slots are finished left to right; each block is denoised in `steps_per_block`
-    steps (one forward pass each) with the masked sampler's rules, then committed to the KV cache.
-    `block_length=1, steps_per_block=1` is autoregressive decoding; `block_length=gen_length` is MDLM/LLaDA
-    with a prompt cache.
+    A row is cut into blocks of `block_length` slots counted from its first token, the grid BD3 training
+    uses, so a prompt that ends inside a block shares that block with the first generated slots. Blocks are
+    finished left to right; each is denoised in at most `steps_per_block` steps (one forward pass each)
+    with the masked sampler's rules, then committed to the KV cache. `block_length=1` is autoregressive
+    decoding; `block_length=max_length` is MDLM/LLaDA with the prompt as clean context.
 
     Attributes:
-      gen_length: Number of generated slots `G`, a multiple of `block_length`.
+      max_length: Slots per row, prompt included (BD3's sequence length); a multiple of `block_length`.
+        A row with a prompt of `n` tokens generates `max_length - n` slots.
       block_length: Slots per block `L'`.
       steps_per_block: Denoising steps `S` per block (default `block_length`: one commit per step). Commits
-        per step follow LLaDA's front-loaded transfer table; with `S > L'` the extra steps commit nothing.
+        per step follow LLaDA's front-loaded transfer table over the block's masked slots; a block stops
+        early once none of its slots is masked, so a block that the prompt half fills takes fewer steps.
       remasking: "low_confidence" or "random", as in `SamplerSettings`.
       temperature: 0 is greedy; `T > 0` samples from `softmax(logits / T)` (Gumbel-max).
       top_k: Keep only the `k` most likely tokens of each proposal distribution (0 = off).
       top_p: Nucleus filtering: keep the smallest set of most likely tokens whose mass reaches `top_p`
         (1.0 = off). Applied after `top_k`, to the temperature-scaled distribution.
       mask_id: Token id of [MASK]; the model never proposes it (SUBS).
-      eos_id: A row whose finished block contains `eos_id` is done: its later blocks are `pad_id` and frozen,
-        and sampling stops when every row is done. None: rows never stop early.
+      eos_id: A row that generates `eos_id` is done once its block is finished: its later blocks are
+        `pad_id` and frozen, and sampling stops when every row is done. None: rows never stop early.
       pad_id: Fill of a done row's later blocks (default `eos_id`).
-      cache_length: KV-cache slots per row; None sizes it exactly (padded prompt + gen_length - block_length,
-        the last block is never committed). A fixed value keeps one compiled program across prompt lengths;
-        too small a value is an error, never a silent overwrite.
+      cache_length: KV-cache slots per row; None sizes it exactly (`max_length - block_length`: the last
+        block is never committed). Too small a value is an error, never a silent overwrite.
     """
 
-    gen_length: int
+    max_length: int
     block_length: int
     steps_per_block: int | None = None
     remasking: str = "low_confidence"
@@ -161,38 +182,26 @@ class BlockSamplerSettings:
 
     @property
     def num_blocks(self) -> int:
-        return self.gen_length // self.block_length
-
-    @property
-    def steps(self) -> int:
-        """Denoising steps over all blocks (LLaDA's `steps`)."""
-        return self.num_blocks * self.steps_per_block
+        return self.max_length // self.block_length
 
     def validate(self) -> None:
         """Raises ValueError naming the field, its value and what is allowed."""
         name = type(self).__name__
-        for field in ("gen_length", "block_length", "steps_per_block"):
-            value = getattr(self, field)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"{name}.{field}={value!r} is not allowed; use an int >= 1")
-        if self.gen_length % self.block_length:
-            divisors = [d for d in range(1, self.gen_length + 1) if self.gen_length % d == 0]
+        check_positive_ints(self, ("max_length", "block_length", "steps_per_block"))
+        if self.max_length % self.block_length:
+            divisors = [d for d in range(1, self.max_length + 1) if self.max_length % d == 0]
             raise ValueError(
-                f"{name}.gen_length={self.gen_length} is not a multiple of block_length={self.block_length}; "
-                f"choose a block_length in {divisors} or a gen_length that is a multiple of {self.block_length}")
-        if self.remasking not in REMASKING_RULES:
-            raise ValueError(
-                f"{name}.remasking={self.remasking!r} is not allowed; choose one of {list(REMASKING_RULES)}")
-        if not _is_real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"{name}.temperature={self.temperature!r} is not allowed; use a finite number >= 0")
+                f"{name}.max_length={self.max_length} is not a multiple of block_length={self.block_length}; "
+                f"choose a block_length in {divisors} or a max_length that is a multiple of {self.block_length}")
+        check_choice(self, "remasking", REMASKING_RULES)
+        check_nonnegative_reals(self, ("temperature",), off="0 is greedy")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"{name}.top_k={self.top_k!r} is not allowed; use an int >= 0 (0 turns it off)")
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"{name}.top_p={self.top_p!r} is not allowed; use a number in (0, 1] (1 turns it off)")
-        for field in ("mask_id", "eos_id", "pad_id"):
-            value = getattr(self, field)
-            if value is not None and (not _is_int(value) or value < 0):
-                raise ValueError(f"{name}.{field}={value!r} is not allowed; use an int >= 0")
+        check_token_ids(self, ("mask_id", "eos_id", "pad_id"))
+        if self.mask_id is None:
+            raise ValueError(f"{name}.mask_id=None is not allowed; use an int >= 0")
         if self.mask_id in (self.eos_id, self.pad_id):
             # A [MASK] fill would be denoised again instead of staying frozen.
             raise ValueError(f"{name}: eos_id={self.eos_id} and pad_id={self.pad_id} must differ from "
