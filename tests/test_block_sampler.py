@@ -172,8 +172,8 @@ AR_CASE = ([6, 3], dict(block_length=1, steps_per_block=1))
     # Both prompts end inside a block (6 = 4 + 2, 3): the first generated block holds the prompt's tail.
     ([6, 3], dict(block_length=4, steps_per_block=2, temperature=0.8, top_k=8, top_p=0.9)),
     ([5, 7], dict(block_length=4, steps_per_block=3)),
-    # Block = max_length (MDLM): nothing is prefilled or committed, so the cache has one slot while the
-    # denoised chunks have 16.
+    # Block = max_length (MDLM): nothing is ever cached, so generate_blocks runs the plain forward; these
+    # cases hold the NFE count and the prompt handling of a single block.
     ([0, 0], dict(block_length=16, steps_per_block=4, remasking="random", temperature=1.0, top_k=5)),
     ([3, 2], dict(block_length=16, steps_per_block=16)),
 ], ids=["ar", "bl2-random", "bl4-T-top_k-top_p", "bl4-prompts-mid-block", "mdlm-random-T-top_k-no_prompt",

@@ -22,6 +22,7 @@ slots to generate; blocks that the prompt fills take no denoising steps.
       sampler's update;
     COMMIT: one forward of the finished clean block that writes its K/V (bidirectional inside the block and
       the cache before it: M_BC). Skipped after the last block and once every row is done.
+  With a single block (`block_length == max_length`, MDLM) there is nothing to cache and it runs the twin.
 `generate_blocks_uncached` (the slow twin): every step runs the whole canvas `[B, T]` under the
 block-causal mask, which is BD3's mask restricted to what exists: the noisy block sees the clean prefix and
 itself, and no query that is read sees a later block. The canvas is the full length (not the growing
@@ -203,7 +204,7 @@ def _cache_length(settings: BlockSamplerSettings) -> int:
     """Cache slots the run needs (the last block is never committed); raises if `cache_length` is smaller."""
     needed = settings.max_length - settings.block_length
     if settings.cache_length is None:
-        return max(needed, 1)
+        return needed
     if settings.cache_length < needed:
         raise ValueError(
             f"the KV cache would overflow: BlockSamplerSettings.cache_length={settings.cache_length} < {needed} "
@@ -244,6 +245,10 @@ def generate_blocks(
         generated slots (`pad_id` after the block in which the row emitted `eos_id`).
       nfe: int32 scalar, forward passes run: 1 prefill (if W >= L') + denoising steps + commit passes.
     """
+    if settings.num_blocks == 1:
+        # One block (MDLM): nothing is ever cached, so the plain forward over the row is the same program
+        # with less work (no empty cache segment in every attention call).
+        return generate_blocks_uncached(config, params, prompt, settings, rng, prompt_mask=prompt_mask)
     canvas, _, first_block = _layout(config, prompt, prompt_mask, settings)
     batch = canvas.shape[0]
     length = settings.block_length
@@ -268,9 +273,6 @@ def generate_blocks(
         return logits
 
     def commit_block(cache, block, b, skip):
-        if settings.num_blocks == 1:
-            return cache, jnp.int32(0)  # nothing is ever committed; the cache may be smaller than the block
-
         def write(cache):
             _, cache = model.apply({"params": params}, block, positions=_positions(batch, b * length, length),
                                    cache=cache, update_cache=True)
