@@ -7,6 +7,7 @@ renames it on commit, so a run killed mid-save leaves the previous step intact.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import grain
@@ -14,6 +15,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from dlmjax.config import CheckpointConfig, Config, MeshConfig, config_from_dict
+from dlmjax.models.transformer import init_params
 from dlmjax.sharding import make_mesh
 from dlmjax.train.state import abstract_train_state, make_optimizer
 
@@ -79,11 +81,55 @@ def find_checkpoint_dir(path: str | Path) -> Path:
                             f"checkpoints/ folder")
 
 
-def load(path: str | Path, step: int | None = None):
-    """Load (config, params) of the latest (or given) checkpoint in a workdir: the notebook entry point.
+PARAMS_ITEM, CONFIG_FILE = "params", "config.json"
 
-    Parameters land on the first local device; reshard them with `jax.device_put` for a mesh.
+
+def is_params_export(path: str | Path) -> bool:
+    """A params-only export: `config.json` + `params/` (orbax), as written by `save_params`."""
+    path = Path(path)
+    return (path / PARAMS_ITEM).is_dir() and (path / CONFIG_FILE).is_file()
+
+
+def save_params(path: str | Path, cfg: Config, params) -> Path:
+    """Write a params-only export that `load(path)` reads: `config.json` and `params/` (orbax, atomic).
+
+    Used by `dlmjax convert` (imported Hugging Face weights) and for handing a trained model to others
+    without its optimizer state. Refuses to overwrite an existing export.
     """
+    path = Path(path).absolute()
+    if (path / PARAMS_ITEM).exists():
+        raise FileExistsError(f"{path / PARAMS_ITEM} exists; choose a new output directory or remove it")
+    path.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path / PARAMS_ITEM, params)
+        ckptr.wait_until_finished()
+    tmp = path / (CONFIG_FILE + ".tmp")
+    tmp.write_text(cfg.to_json())
+    tmp.replace(path / CONFIG_FILE)  # the config appears only once the params are committed
+    return path
+
+
+def _load_params_export(path: Path):
+    cfg = config_from_dict(json.loads((path / CONFIG_FILE).read_text()))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    like = jax.eval_shape(lambda: init_params(cfg.model, jax.random.PRNGKey(0)))
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), like)
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(path / PARAMS_ITEM, like)
+    return cfg, params
+
+
+def load(path: str | Path, step: int | None = None):
+    """Load (config, params): the notebook entry point.
+
+    `path` is a training workdir (latest or given `step`), its `checkpoints/` folder, or a params-only export
+    (`save_params`, `dlmjax convert`). Parameters land on the first local device; reshard them with
+    `jax.device_put` for a mesh.
+    """
+    if is_params_export(path):
+        if step is not None:
+            raise ValueError(f"{path} is a params-only export (one version); step={step} does not apply")
+        return _load_params_export(Path(path))
     ckpt = Checkpointer(find_checkpoint_dir(path), read_only=True)
     try:
         step = ckpt.latest_step() if step is None else step

@@ -33,7 +33,12 @@ def _check_positive(section: str, name: str, value, *, allow_zero: bool = False)
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """A bidirectional LLaDA/LLaMA-style transformer."""
+    """The denoiser network.
+
+    arch: `llada` (LLaDA/LLaMA-style transformer: RMSNorm, rotary, SwiGLU, no biases), `dream` (the same with
+    q/k/v biases and shifted logits, i.e. Qwen2 as Dream uses it) or `dit` (the MDLM / BD3-LM DiT: LayerNorm,
+    adaLN time conditioning, rotary, GELU MLP; `cond_dim`, `time_conditioning`, `adaln`).
+    """
 
     arch: str = "llada"
     vocab_size: int = 260
@@ -52,10 +57,17 @@ class ModelConfig:
     attention_impl: str = "xla"
     remat: bool = False
     scan_layers: bool = False
+    qkv_bias: bool = False  # llada/dream: biases on the q/k/v projections (Dream/Qwen2: true)
+    cond_dim: int = 128  # dit: width of the time-conditioning vector c
+    time_conditioning: bool = False  # dit: feed sigma(t) to adaLN; false feeds sigma = 0 (MDLM/BD3 default)
+    adaln: bool = True  # dit: adaLN modulation in the blocks (BD3-LM's `adaln` flag)
 
     def __post_init__(self):
         s = "model"
-        _check_choice(s, "arch", self.arch, {"llada"})
+        _check_choice(s, "arch", self.arch, {"llada", "dream", "dit"})
+        _check_positive(s, "cond_dim", self.cond_dim)
+        if self.arch == "dit" and self.qkv_bias:
+            raise ConfigError("model.qkv_bias=true applies to arch llada/dream; the DiT's attn_qkv has no bias")
         _check_choice(s, "dtype", self.dtype, {"float32", "bfloat16"})
         _check_choice(s, "param_dtype", self.param_dtype, {"float32", "bfloat16"})
         _check_choice(s, "attention_impl", self.attention_impl, {"xla"})

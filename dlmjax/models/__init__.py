@@ -1,6 +1,12 @@
-"""Models: the LLaDA-style transformer and the attention dispatch it uses."""
-from dlmjax.models.attention import Bd3TrainingMask, BlockCausalMask, CausalMask, FullMask, MaskSpec, attention
-from dlmjax.models.transformer import Denoiser, Transformer, count_params, init_cache, init_params
+"""Models: the denoiser networks, their factory, and the attention dispatch they use.
 
-__all__ = ["Bd3TrainingMask", "BlockCausalMask", "CausalMask", "Denoiser", "FullMask", "MaskSpec", "Transformer",
-           "attention", "count_params", "init_cache", "init_params"]
+`build_model(config, mask)` is the one place that maps `model.arch` to a Flax module; every module it returns
+has the call signature of `Transformer` (tokens, positions=, key_mask=, dense_mask=, cache=, update_cache=)
+so that training objectives and samplers never name an architecture.
+"""
+from dlmjax.config import ModelConfig
+from dlmjax.models.attention import Bd3TrainingMask, BlockCausalMask, CausalMask, FullMask, MaskSpec, attention
+from dlmjax.models.transformer import Denoiser, Transformer, build_model, count_params, init_cache, init_params
+
+__all__ = ["Bd3TrainingMask", "BlockCausalMask", "CausalMask", "Denoiser", "FullMask", "MaskSpec", "ModelConfig",
+           "Transformer", "attention", "build_model", "count_params", "init_cache", "init_params"]

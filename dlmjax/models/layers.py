@@ -48,16 +48,23 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class Dense(nn.Module):
-    """Bias-free projection whose kernel carries logical axis names."""
+    """Projection whose kernel [in, out] carries logical axis names; optional bias [out] (zero-initialised,
+    on the output axis name), e.g. Qwen2/Dream's q/k/v projections."""
 
     features: int
     axes: tuple[str, str]
     std: float = 0.02
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    use_bias: bool = False
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", nn.with_logical_partitioning(dense_init(self.std), self.axes),
                             (x.shape[-1], self.features), self.param_dtype)
-        return jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), self.axes[1:]),
+                              (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y

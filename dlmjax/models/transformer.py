@@ -1,4 +1,8 @@
-"""The LLaDA/LLaMA-style bidirectional transformer (the default dlmjax denoiser).
+"""The LLaDA/LLaMA-style bidirectional transformer (the default dlmjax denoiser; also Dream / Qwen2).
+
+`model.arch=dream` is the same network with biases on q/k/v (`model.qkv_bias`), grouped-query attention and
+logits shifted by one position when sampling (hidden state i - 1 predicts token i; the samplers apply the
+shift, the forward returns raw logits).
 
 Pure Flax Linen: `Transformer(config).init(...)` gives an explicit parameter pytree and `.apply(...)` is a
 pure function of it. Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`,
@@ -43,12 +47,13 @@ class Block(nn.Module):
         b, length, _ = x.shape
         # Residual projections start smaller so the residual stream does not grow with depth.
         out_std = cfg.init_std / (2 * cfg.n_layers) ** 0.5
-        proj = lambda n, feat, axes, std=cfg.init_std: Dense(feat, axes, std, dtype, pdt, name=n)  # noqa: E731
+        proj = lambda n, feat, axes, std=cfg.init_std, bias=False: Dense(  # noqa: E731
+            feat, axes, std, dtype, pdt, use_bias=bias, name=n)
 
         h = RMSNorm(cfg.norm_eps, pdt, name="attn_norm")(x)
-        q = proj("q_proj", cfg.n_heads * cfg.head_dim, ("embed", "heads"))(h)
-        k = proj("k_proj", cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"))(h)
-        v = proj("v_proj", cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"))(h)
+        q = proj("q_proj", cfg.n_heads * cfg.head_dim, ("embed", "heads"), bias=cfg.qkv_bias)(h)
+        k = proj("k_proj", cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), bias=cfg.qkv_bias)(h)
+        v = proj("v_proj", cfg.num_kv_heads * cfg.head_dim, ("embed", "kv_heads"), bias=cfg.qkv_bias)(h)
         q = q.reshape(b, length, cfg.n_heads, cfg.head_dim)
         k = k.reshape(b, length, cfg.num_kv_heads, cfg.head_dim)
         v = v.reshape(b, length, cfg.num_kv_heads, cfg.head_dim)
@@ -221,10 +226,19 @@ def _write_cache(cache, chunk_k, chunk_v, key_mask):
     }
 
 
+def build_model(config: ModelConfig, mask: MaskSpec = FullMask()) -> nn.Module:
+    """The Flax module for `config.arch`: `Transformer` for llada/dream, `DiT` for dit (same call signature)."""
+    if config.arch == "dit":
+        from dlmjax.models.dit import DiT  # noqa: PLC0415 (dit imports this module)
+
+        return DiT(config, mask)
+    return Transformer(config, mask)
+
+
 def init_params(config: ModelConfig, rng: jax.Array, seq_len: int = 8):
     """A fresh parameter pytree (logical-axis metadata stripped)."""
     tokens = jnp.zeros((1, seq_len), jnp.int32)
-    variables = Transformer(config).init(rng, tokens)
+    variables = build_model(config).init(rng, tokens)
     return nn.unbox(variables["params"])
 
 
@@ -244,5 +258,5 @@ class Denoiser:
     mask: MaskSpec = FullMask()
 
     def __call__(self, params, tokens, key_mask=None, positions=None):
-        return Transformer(self.config, self.mask).apply({"params": params}, tokens, key_mask=key_mask,
+        return build_model(self.config, self.mask).apply({"params": params}, tokens, key_mask=key_mask,
                                                          positions=positions)

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 
 from dlmjax.config import ModelConfig
 from dlmjax.models.attention import BlockCausalMask
-from dlmjax.models.transformer import Transformer, init_cache
+from dlmjax.models.transformer import build_model, init_cache
 from dlmjax.sampling.generate import check_request, commit, confidence, propose, restrict_to_block, select_commits, step_keys
 from dlmjax.sampling.schedule import transfer_counts
 from dlmjax.sampling.settings import BlockSamplerSettings
@@ -233,8 +233,8 @@ def generate_blocks(
     prompt mask and rng are traced.
 
     Args:
-      config: static model config (a `Transformer` with these weights).
-      params: the Transformer's parameter pytree.
+      config: static model config (the network `build_model(config)` with these weights).
+      params: its parameter pytree.
       prompt: int[B, W]; rows shorter than `W` are padded (left or right), with `prompt_mask` False there.
       settings: static `BlockSamplerSettings`.
       rng: PRNG key; consumed when `temperature > 0` or `remasking == "random"`.
@@ -252,7 +252,7 @@ def generate_blocks(
     canvas, _, first_block = _layout(config, prompt, prompt_mask, settings)
     batch = canvas.shape[0]
     length = settings.block_length
-    model = Transformer(config)
+    model = build_model(config)
     cache = init_cache(config, batch, _cache_length(settings))
     nfe = jnp.int32(0)
     prefill = prompt.shape[1] // length * length  # the longest prompt's full blocks
@@ -302,7 +302,7 @@ def generate_blocks_uncached(
     """
     canvas, _, first_block = _layout(config, prompt, prompt_mask, settings)
     length = settings.block_length
-    model = Transformer(config, BlockCausalMask(length))
+    model = build_model(config, BlockCausalMask(length))
 
     def place(canvas, block, b):
         return jax.lax.dynamic_update_slice(canvas, block, (jnp.int32(0), b * length))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from dlmjax.config import DiffusionConfig, ModelConfig
 from dlmjax.diffusion import block, forward, losses, schedules
 from dlmjax.models.attention import Bd3TrainingMask
-from dlmjax.models.transformer import Transformer
+from dlmjax.models.transformer import build_model
 
 # BD3-LM's unbiased clipped schedule: the NELBO it reports (ALGORITHMS.md §1.3, §6.1).
 BD3_NELBO_CLIP = (1e-3, 1.0)
@@ -61,7 +61,7 @@ def bd3_loss_terms(params, batch, t, u, *, model_cfg: ModelConfig, diff_cfg: Dif
     protect = _protected(batch, diff_cfg)
     xt, is_masked = forward.forward_sample(x0, t, u, diff_cfg.mask_id, protect=protect, inclusive=True)
     tokens, positions, key_mask = block.two_stream_inputs(xt, x0, batch["valid_mask"])
-    model = Transformer(model_cfg, Bd3TrainingMask(length, block_size))
+    model = build_model(model_cfg, Bd3TrainingMask(length, block_size))
     logits = model.apply({"params": params}, tokens, positions=positions, key_mask=key_mask)[:, :length]
     scored = ~protect
     nll = jnp.where(scored, block.bd3_token_nll(logits, x0, xt, t, diff_cfg.mask_id, diff_cfg.clip_min), 0.0)
@@ -97,7 +97,7 @@ def diffusion_loss(params, batch, rng, *, model_cfg: ModelConfig, diff_cfg: Diff
     u = jax.random.uniform(u_rng, x0.shape)
     xt, is_masked = forward.forward_sample(x0, p_mask[:, None], u, diff_cfg.mask_id,
                                            protect=_protected(batch, diff_cfg))
-    logits = Transformer(model_cfg).apply({"params": params}, xt, key_mask=batch["valid_mask"])
+    logits = build_model(model_cfg).apply({"params": params}, xt, key_mask=batch["valid_mask"])
     if diff_cfg.objective == "mdlm":
         loss, _ = losses.mdlm_loss(logits, x0, xt, t, batch["valid_mask"], schedule, mask_id=diff_cfg.mask_id)
     elif diff_cfg.objective == "llada":
@@ -132,7 +132,7 @@ def nelbo_sums(params, batch, rng, *, model_cfg: ModelConfig, diff_cfg: Diffusio
     protect = _protected(batch, diff_cfg)
     xt, is_masked = forward.forward_sample(x0, schedule.mask_prob(t)[:, None], u, diff_cfg.mask_id,
                                            protect=protect)
-    logits = Transformer(model_cfg).apply({"params": params}, xt, key_mask=batch["valid_mask"])
+    logits = build_model(model_cfg).apply({"params": params}, xt, key_mask=batch["valid_mask"])
     scored = ~protect
     if diff_cfg.objective == "mdlm":
         _, nll = losses.mdlm_loss(logits, x0, xt, t, batch["valid_mask"], schedule, mask_id=diff_cfg.mask_id)

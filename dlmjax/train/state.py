@@ -12,7 +12,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from dlmjax.config import ModelConfig, OptimConfig
-from dlmjax.models.transformer import Transformer
+from dlmjax.models.transformer import build_model
 from dlmjax.sharding import logical_to_sharding
 
 
@@ -61,7 +61,7 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
 
 def _init_variables(model_cfg: ModelConfig, rng: jax.Array):
     tokens = jnp.zeros((1, 8), jnp.int32)
-    return Transformer(model_cfg).init(rng, tokens)
+    return build_model(model_cfg).init(rng, tokens)
 
 
 def state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh):
