@@ -1,8 +1,11 @@
-"""The `dlmjax` command line: train, sample, eval.
+"""The `dlmjax` command line: train, sample, eval, convert, forward.
 
     dlmjax train --config configs/demo.yaml [--workdir DIR] [section.key=value ...]
     dlmjax sample --checkpoint DIR --prompt TEXT [--gen-length N --steps S ...]
     dlmjax eval --checkpoint DIR [section.key=value ...]
+    dlmjax convert --from-hf HF_DIR --arch llada|dream|mdlm|bd3lm --out CKPT
+    dlmjax convert --to-hf CKPT --out HF_DIR
+    dlmjax forward --checkpoint CKPT --input-ids IDS.npy [--sigma SIGMA.npy] --out LOGITS.npy
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import json
 import sys
 from pathlib import Path
 
+from dlmjax.checkpoint import CheckpointRestoreError
 from dlmjax.config import ConfigError, apply_overrides, load_config
 
 
@@ -22,14 +26,14 @@ def _parse_ids(text: str) -> list[list[int]]:
 
 
 def cmd_train(args) -> int:
-    from dlmjax.train.loop import print_json, train_and_evaluate
+    from dlmjax.train.loop import exit_status, print_json, train_and_evaluate
 
     cfg = load_config(args.config, args.overrides)
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
     print(f"workdir: {workdir}", file=sys.stderr)
     result = train_and_evaluate(cfg, workdir, log=lambda s: print(s, file=sys.stderr))
     print_json(result)
-    return 0
+    return exit_status(result)  # 143 if stopped by SIGTERM: rerun to resume
 
 
 def cmd_eval(args) -> int:
@@ -88,6 +92,49 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from dlmjax.interchange import convert_from_hf, export_to_hf
+
+    if args.from_hf is not None:
+        if not args.arch:
+            raise SystemExit("dlmjax convert --from-hf needs --arch (llada, dream, mdlm or bd3lm)")
+        out = convert_from_hf(args.from_hf, args.arch, args.out)
+        print(f"converted {args.from_hf} (--arch {args.arch}) -> {out}", file=sys.stderr)
+    else:
+        if args.arch:
+            raise SystemExit("dlmjax convert --to-hf takes no --arch: the checkpoint records its architecture")
+        out = export_to_hf(args.to_hf, args.out)
+        print(f"exported {args.to_hf} -> {out}", file=sys.stderr)
+    print(json.dumps({"out": str(out)}))
+    return 0
+
+
+def _load_npy(path: str, what: str):
+    import numpy as np
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} file {path!r} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{what} file {path!r} is not a readable .npy array ({e})") from None
+
+
+def cmd_forward(args) -> int:
+    import numpy as np
+
+    from dlmjax.checkpoint import load
+    from dlmjax.interchange import forward_logits
+
+    ids = _load_npy(args.input_ids, "--input-ids")
+    sigma = _load_npy(args.sigma, "--sigma") if args.sigma else None
+    cfg, params = load(args.checkpoint)
+    logits = forward_logits(cfg, params, ids, sigma)
+    np.save(args.out, logits)
+    print(json.dumps({"out": args.out, "shape": list(logits.shape)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dlmjax", description="Diffusion language models in JAX.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -119,6 +166,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--show", type=int, default=5, help="print this many sampled problems")
     e.add_argument("overrides", nargs="*", help="section.key=value (e.g. sample.steps=2)")
     e.set_defaults(fn=cmd_eval)
+
+    c = sub.add_parser("convert", help="import a Hugging Face checkpoint folder, or export one")
+    way = c.add_mutually_exclusive_group(required=True)
+    way.add_argument("--from-hf", metavar="HF_DIR", help="config.json + model.safetensors (or shards + index)")
+    way.add_argument("--to-hf", metavar="CKPT", help="a dlmjax checkpoint (from convert --from-hf, or llada/dream)")
+    c.add_argument("--arch", help="with --from-hf: llada, dream, mdlm or bd3lm")
+    c.add_argument("--out", required=True, help="the new dlmjax checkpoint (--from-hf) or Hugging Face folder")
+    c.set_defaults(fn=cmd_convert)
+
+    f = sub.add_parser("forward", help="one forward pass: raw float32 logits [B, L, V] to a .npy file")
+    f.add_argument("--checkpoint", required=True, help="a dlmjax checkpoint or training workdir")
+    f.add_argument("--input-ids", required=True, help=".npy of int token ids, [B, L] or [L]; a bd3 model given "
+                   "2 x its length reads [x_t ; x_0] under the BD3 training mask")
+    f.add_argument("--sigma", help=".npy noise levels [B] (DiT models: mdlm, bd3lm)")
+    f.add_argument("--out", required=True, help="where to write the logits (.npy)")
+    f.set_defaults(fn=cmd_forward)
     return p
 
 
@@ -126,7 +189,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, CheckpointRestoreError) as e:
         print(f"dlmjax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -204,13 +204,26 @@ class TrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
+    """When checkpoints are written and which ones are kept (see `dlmjax.checkpoint`).
+
+    Every `every_steps` steps (and at the last step, and on SIGTERM) the run saves a checkpoint. Kept: the
+    `max_to_keep` most recent committed steps, plus every step that is a multiple of `keep_every` (0: none).
+    An older step is deleted only after a newer one has committed.
+    """
+
     every_steps: int = 500
     max_to_keep: int = 3
+    keep_every: int = 0  # steps that are multiples of this are never deleted; 0: off
     async_save: bool = True
 
     def __post_init__(self):
         _check_positive("checkpoint", "every_steps", self.every_steps)
         _check_positive("checkpoint", "max_to_keep", self.max_to_keep)
+        _check_positive("checkpoint", "keep_every", self.keep_every, allow_zero=True)
+        if self.keep_every and self.keep_every % self.every_steps:
+            raise ConfigError(f"checkpoint.keep_every={self.keep_every!r} must be 0 (off) or a multiple of "
+                              f"checkpoint.every_steps={self.every_steps!r}, otherwise no periodic checkpoint "
+                              f"falls on it")
 
 
 @dataclass(frozen=True, kw_only=True)

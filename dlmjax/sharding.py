@@ -30,6 +30,15 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vocab", "tensor"),
     ("norm", None),
     ("layers", None),
+    # DiT (arch dit): the time-conditioning width (and the output of sigma_map's C x C layer: one array may not
+    # name an axis twice), the sinusoidal time features, the adaLN modulation outputs (6D per block) and
+    # attn_qkv's q/k/v axis. Replicated: the conditioning path is small (C x 6D per block) and the modulation is
+    # split into six D-chunks right away; q/k/v are split by `heads` instead.
+    ("cond", None),
+    ("cond_out", None),
+    ("time_freq", None),
+    ("modulation", None),
+    ("qkv", None),
 )
 
 

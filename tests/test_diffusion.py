@@ -5,13 +5,12 @@ the rest are held against closed forms or naive float64 numpy loops written from
 
 About the tiny_mdlm fixture: `golden_logits.npy` is `DiT(x_t, sigma)` with sigma = (0.7, 2.3), but the
 reference's SUBS log-probs and loss were computed from `DiT(x_t, 0)` (time conditioning is off, so the
-wrapper zeroes sigma). Those sigma = 0 logits are not stored, so `derived_logits_sigma0_*.npy` hold them,
-computed by a float64 numpy port of kuleshov-group/mdlm `models/dit.py` on the fixture's
-`model.safetensors`; that port reproduces `golden_logits.npy` to 2.0e-6 max abs. They are inputs only:
-every assertion compares dlmjax's output with the reference's own outputs.
+wrapper zeroes sigma). Those sigma = 0 logits are not stored, so `_sigma0_logits` computes them with dlmjax's
+own DiT on the fixture's `model.safetensors` (tests/test_dit.py holds that DiT to `golden_logits.npy`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import pathlib
@@ -46,6 +45,21 @@ def _load(name: str) -> np.ndarray:
     return np.load(GOLDEN / f"{name}.npy")
 
 
+@functools.cache
+def _sigma0_logits(name: str) -> np.ndarray:
+    """float32 [B, L, V]: dlmjax's DiT with the fixture's weights on `name` (x_t) at sigma = 0, as the wrapper
+    runs it."""
+    from safetensors.numpy import load_file
+
+    from dlmjax.interchange import dit as dit_io
+    from dlmjax.models.dit import DiT
+
+    cfg, _ = dit_io.model_config(json.loads((GOLDEN / "config.json").read_text()), "mdlm")
+    tensors = load_file(GOLDEN / "model.safetensors")
+    params, _ = dit_io.to_params(tensors.__getitem__, tensors.keys(), cfg, "mdlm")
+    return np.asarray(jax.jit(DiT(cfg).apply)({"params": params}, _load(name)))
+
+
 def _log_softmax64(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float64)
     m = x.max(-1, keepdims=True)
@@ -60,7 +74,7 @@ def test_subs_log_probs_match_golden():
     xt = _load("golden_xt")
     want = _load("golden_subs_logprobs")
     subs = jax.jit(subs_log_probs, static_argnums=2)
-    got = np.asarray(subs(_load("derived_logits_sigma0_xt"), xt, MASK_ID))
+    got = np.asarray(subs(_sigma0_logits("golden_xt"), xt, MASK_ID))
     assert got.dtype == np.float32 and got.shape == want.shape
     assert np.max(np.abs(got - want)) <= 1e-5
     # Carry-over slots: NEG_INF everywhere except 0 at the observed token, bit for bit.
@@ -93,7 +107,7 @@ def test_mdlm_loss_matches_golden():
     want_nll = _load("golden_loss_nlls")
     want_loss = json.loads((GOLDEN / "golden.json").read_text())["loss"]["loss"]
     fn = jax.jit(mdlm_loss, static_argnames=("schedule", "mask_id"))
-    logits = _load("derived_logits_sigma0_loss_xt")
+    logits = _sigma0_logits("golden_loss_xt")
     loss, nll = fn(logits, x0, xt, t, valid, LogLinearSchedule(), mask_id=MASK_ID)
     np.testing.assert_allclose(np.asarray(nll), want_nll, rtol=1e-5, atol=0)
     np.testing.assert_allclose(float(loss), want_loss, rtol=1e-5)

@@ -248,7 +248,8 @@ def count_params(params) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Denoiser:
-    """Hashable, static view of a model for samplers: (params, tokens, key_mask) -> float32 logits [B, L, V].
+    """Hashable, static view of a model for samplers: (params, tokens, key_mask) -> float32 logits [B, L, V],
+    position-aligned (Dream's shifted logits are shifted back here; DiT models get sigma = 0).
 
     Samplers take it as a static argument of `jax.jit` and the parameters as a traced argument, so weights
     are never baked into the compiled program.
@@ -258,5 +259,19 @@ class Denoiser:
     mask: MaskSpec = FullMask()
 
     def __call__(self, params, tokens, key_mask=None, positions=None):
-        return build_model(self.config, self.mask).apply({"params": params}, tokens, key_mask=key_mask,
-                                                         positions=positions)
+        logits = build_model(self.config, self.mask).apply({"params": params}, tokens, key_mask=key_mask,
+                                                           positions=positions)
+        if self.config.arch == "dream":
+            # Dream predicts token i from hidden state i - 1 (its AR heritage); samplers see position-aligned
+            # logits, so every sampler handles Dream checkpoints without knowing about the shift.
+            logits = shift_logits(logits)
+        return logits
+
+
+def shift_logits(logits: jax.Array) -> jax.Array:
+    """Dream's shifted-logit convention (ALGORITHMS.md §3.3): position i is predicted by raw row i - 1.
+
+    logits [B, L, V] (raw forward output) -> [B, L, V] with `out[:, 0] = logits[:, 0]` and
+    `out[:, i] = logits[:, i - 1]` for i >= 1. Samplers of `model.arch=dream` models apply this to every forward.
+    """
+    return jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)

@@ -2,13 +2,34 @@
 
 The step is compiled before the loop; the loop never waits on the device (metrics of step s are read after
 step s+1 is dispatched); checkpoints (state + data iterator + config) are written every
-`checkpoint.every_steps`, and rerunning the same command resumes from the latest one.
+`checkpoint.every_steps` and at the last step.
+
+Resume and preemption guarantees:
+
+* Rerunning the same command resumes from the newest restorable checkpoint (an unreadable newest step is
+  reported and moved aside, see `dlmjax.checkpoint`), into the shardings of the current mesh. The losses of
+  the resumed steps are bitwise identical to an uninterrupted run: the grain iterator position is part of the
+  checkpoint and the noise of step s is `fold_in(state.rng, s)`. This holds after SIGKILL at any moment
+  (work since the last committed checkpoint is recomputed) and after SIGTERM (nothing is recomputed).
+* On resume from step s, `metrics.jsonl` records of steps > s written by the interrupted run are dropped and
+  TensorBoard hides them (`purge_step`): the resumed run writes them again, identical, once.
+* SIGTERM (when called from the main thread): a handler sets a flag; at the next step boundary the loop stops,
+  saves a checkpoint of the current step, waits for it to commit, logs `preempted`, skips the final
+  evaluation and returns `{"step": s, "preempted": True, ...}`. The previous SIGTERM handler is restored on
+  return. `dlmjax train` then exits with `PREEMPTED_EXIT_STATUS` (143 = 128 + SIGTERM, what a process killed
+  by SIGTERM reports), so schedulers and retry loops (`until dlmjax train ...; do :; done`, Kubernetes Jobs)
+  see an unfinished run and restart it instead of counting it as done. A finished run returns
+  `"preempted": False` and exits 0. Multi-process runs are not coordinated here: every process must get the
+  signal before the same step boundary (use orbax/JAX preemption sync points for multi-host jobs).
 """
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import jax
@@ -56,9 +77,38 @@ def evaluate(cfg: Config, params, *, data=None, eval_step=None, n_batches=None, 
     return result
 
 
+PREEMPTED_EXIT_STATUS = 143  # 128 + SIGTERM: `dlmjax train` exits with this after a SIGTERM-triggered stop
+
+
+def exit_status(result: dict) -> int:
+    """Process exit status for a `train_and_evaluate` result: 143 if preempted (rerun to resume), else 0."""
+    return PREEMPTED_EXIT_STATUS if result.get("preempted") else 0
+
+
+@contextmanager
+def _sigterm_flag():
+    """A `threading.Event` set by SIGTERM while inside the block (main thread only; otherwise never set)."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def train_and_evaluate(cfg: Config, workdir: str | Path, *, log=print, show_examples: int = 5) -> dict:
-    """Train (or resume) the run in `workdir`, then evaluate; returns the final metrics."""
-    workdir = Path(workdir)
+    """Train (or resume) the run in `workdir`, then evaluate; returns the final metrics.
+
+    On SIGTERM returns early with `"preempted": True` after committing a checkpoint (see the module doc).
+    """
+    with _sigterm_flag() as preempt:
+        return _train_and_evaluate(cfg, Path(workdir), preempt, log=log, show_examples=show_examples)
+
+
+def _train_and_evaluate(cfg: Config, workdir: Path, preempt: threading.Event, *, log, show_examples) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(cfg.to_json())
     mesh = make_mesh(cfg.mesh)
@@ -68,17 +118,20 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, *, log=print, show_exam
     state, shardings = init_train_state(cfg.model, tx, cfg.train.seed, mesh)
     train_iter = iter(train_ds)
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
-    start = ckpt.latest_step()
-    if start is not None:
-        state = ckpt.restore_state(start, state, shardings, data_iter=train_iter)
-        log(f"resumed from step {start} in {ckpt.directory}")
-    start = int(start or 0)
+    restored, restored_state = ckpt.restore_latest(state, shardings, data_iter=train_iter)
+    if restored is not None:
+        state = restored_state
+        log(f"resumed from step {restored} in {ckpt.directory}")
+    start = int(restored or 0)
+    last_saved = restored
     log(f"model: {count_params(state.params) / 1e6:.2f}M parameters; mesh: {dict(mesh.shape)}")
 
     bsh = batch_sharding(mesh)
     step_fn = make_train_step(tx, cfg.model, cfg.diffusion, shardings, bsh)
     eval_step = make_eval_step(cfg.model, cfg.diffusion)
-    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, resume_step=start)
+    if writer.dropped:
+        log(f"metrics.jsonl: dropped {writer.dropped} records of steps after {start} (recomputed by this run)")
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
 
     t0 = time.perf_counter()
@@ -86,38 +139,49 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, *, log=print, show_exam
     bar = tqdm(total=cfg.train.steps, initial=start, disable=not cfg.train.progress, dynamic_ncols=True,
                file=sys.stderr, desc="train")
     compiled = None
+    done = start  # steps completed; the data iterator has yielded exactly the batches of steps < done
     for step in range(start, cfg.train.steps):
+        if preempt.is_set():
+            break
         batch = jax.device_put(as_batch(next(train_iter)), bsh)
         if compiled is None:  # compile once, before timing starts
             compiled = step_fn.lower(state, batch).compile()
             t0 = time.perf_counter()
         state, metrics = compiled(state, batch)
+        done = step + 1
         if pending is not None:
             _report(writer, bar, *pending, t0=t0, start=start, tokens_per_step=tokens_per_step,
                     log_every=cfg.train.log_every)
-        pending = (step + 1, metrics)
+        pending = (done, metrics)
         bar.update(1)
-        if (step + 1) % cfg.checkpoint.every_steps == 0 and step + 1 < cfg.train.steps:
-            ckpt.save(step + 1, state, data_iter=train_iter, config=cfg)
-        if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < cfg.train.steps:
+        if done % cfg.checkpoint.every_steps == 0 and done < cfg.train.steps:
+            ckpt.save(done, state, data_iter=train_iter, config=cfg)
+            last_saved = done
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
             ev = evaluate(cfg, state.params, data=data, eval_step=eval_step, n_batches=cfg.train.eval_batches,
                           exact_match=False)
-            writer.write(step + 1, {k: v for k, v in ev.items() if k != "eval_tokens"}, prefix="eval")
+            writer.write(done, {k: v for k, v in ev.items() if k != "eval_tokens"}, prefix="eval")
     if pending is not None:
         _report(writer, bar, *pending, t0=t0, start=start, tokens_per_step=tokens_per_step, log_every=1)
     bar.close()
     train_seconds = time.perf_counter() - t0
-    if start < cfg.train.steps:
-        ckpt.save(cfg.train.steps, state, data_iter=train_iter, config=cfg, force=True)
+    if done > start and last_saved != done:  # the last step, or the step at which SIGTERM stopped us
+        ckpt.save(done, state, data_iter=train_iter, config=cfg, force=True)
     ckpt.wait()
     ckpt.close()
+
+    if preempt.is_set():  # during training or before the final evaluation: stop now, a rerun resumes
+        saved = f"checkpoint {done} committed in {ckpt.directory}" if done else "no step done, nothing to save"
+        log(f"preempted (SIGTERM) at step {done}: {saved}; rerun the same command to resume")
+        writer.close()
+        return {"step": int(done), "preempted": True, "train_seconds": round(train_seconds, 2)}
 
     t1 = time.perf_counter()
     result = evaluate(cfg, state.params, data=data, eval_step=eval_step, show_examples=show_examples, log=log)
     result.update(step=int(cfg.train.steps), train_seconds=round(train_seconds, 2),
-                  eval_seconds=round(time.perf_counter() - t1, 2))
-    writer.write(cfg.train.steps, {k: v for k, v in result.items() if isinstance(v, (int, float))},
-                 prefix="final")
+                  eval_seconds=round(time.perf_counter() - t1, 2), preempted=False)
+    writer.write(cfg.train.steps, {k: v for k, v in result.items() if isinstance(v, (int, float))
+                                   and not isinstance(v, bool) and k != "step"}, prefix="final")
     writer.close()
     return result
 
@@ -135,4 +199,4 @@ def print_json(result: dict) -> None:
     print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()}), flush=True)
 
 
-__all__ = ["evaluate", "load_data", "print_json", "train_and_evaluate"]
+__all__ = ["PREEMPTED_EXIT_STATUS", "evaluate", "exit_status", "load_data", "print_json", "train_and_evaluate"]

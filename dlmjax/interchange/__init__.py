@@ -1,0 +1,322 @@
+"""Hugging Face checkpoint interchange: import released checkpoints into dlmjax and export them back.
+
+    dlmjax convert --from-hf DIR --arch llada|dream|mdlm|bd3lm --out CKPT
+    dlmjax convert --to-hf CKPT --out DIR
+
+One module per architecture family does the mapping (`llada`, `dream`, `dit` for mdlm and bd3lm), each with
+
+    ARCHES                                   the --arch names it handles
+    model_config(hf_config, arch)            -> (ModelConfig, meta: mask/eos/pad/bos ids and arch extras)
+    to_params(read, names, model_cfg, arch)  -> (params tree, passthrough {name: array})
+    to_hf(params, model_cfg, arch)           -> {hf name: array in the Hugging Face layout}
+
+This package reads the folder tensor by tensor (`safetensors_io`), builds a full, validated dlmjax `Config`, places
+each parameter straight into its sharding on the mesh, and writes a params-only export (`dlmjax.checkpoint
+.save_params`) plus `hf/`: the original config.json (and generation_config.json, index file), tensors dlmjax does
+not use (`passthrough.safetensors`) and `manifest.json` (arch, meta, every tensor's name, dtype, shape and shard in
+order). Export inverts the mapping, casts every tensor back to its recorded dtype and writes the recorded layout,
+so import then export gives the original tensors bit for bit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from dlmjax.config import Config, DataConfig, DiffusionConfig, ModelConfig
+from dlmjax.interchange.errors import InterchangeError
+from dlmjax.interchange.safetensors_io import (CONFIG_FILE, DTYPES, GENERATION_CONFIG_FILE, INDEX_FILE, SINGLE_FILE,
+                                               HFCheckpoint, dtype_name, read_safetensors,
+                                               write_safetensors)
+
+__all__ = ["ARCHES", "InterchangeError", "get_module", "import_hf", "convert_from_hf", "export_to_hf",
+           "HF_DIR", "MANIFEST"]
+
+# --arch name -> module implementing it, imported on first use (the DiT module pulls in its model).
+MODULES = {"llada": "dlmjax.interchange.llada", "dream": "dlmjax.interchange.dream",
+           "mdlm": "dlmjax.interchange.dit", "bd3lm": "dlmjax.interchange.dit"}
+ARCHES = tuple(MODULES)
+# The diffusion objective an imported checkpoint is trained / evaluated with.
+OBJECTIVES = {"llada": "llada", "dream": "llada", "mdlm": "mdlm", "bd3lm": "bd3"}
+HF_DIR, MANIFEST, PASSTHROUGH_FILE = "hf", "manifest.json", "passthrough.safetensors"
+COPIED_FILES = (CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE)
+DEFAULT_SEQ_LEN = 1024  # data.seq_len of an imported model (capped at its context)
+TEXT_PATH_PLACEHOLDER = "<set data.text_path to fine-tune>"
+
+
+def get_module(arch: str):
+    """The module that maps `arch` (raises InterchangeError listing the allowed names)."""
+    if arch not in MODULES:
+        raise InterchangeError(f"--arch {arch!r} is not supported; choose one of {list(ARCHES)}")
+    name = MODULES[arch]
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if e.name != name:
+            raise
+        raise InterchangeError(f"--arch {arch}: its converter {name} is not available in this dlmjax") from None
+    if arch not in getattr(module, "ARCHES", ()):
+        raise InterchangeError(f"--arch {arch}: {name} handles {list(getattr(module, 'ARCHES', ()))}, not {arch!r}")
+    return module
+
+
+def build_config(model_cfg: ModelConfig, meta: dict, arch: str) -> Config:
+    """A full dlmjax Config for an imported model: its objective, mask id, and text-data defaults."""
+    objective = OBJECTIVES[arch]
+    diffusion = {"objective": objective, "mask_id": int(meta["mask_id"])}
+    seq_len = min(model_cfg.max_seq_len, DEFAULT_SEQ_LEN)
+    if objective == "mdlm":
+        diffusion["schedule"] = meta.get("schedule", "loglinear")
+    elif objective == "bd3":
+        block = int(meta.get("block_size") or 0)
+        diffusion.update(block_size=block, clip_min=float(meta.get("clip_min", 1e-3)),
+                         clip_max=float(meta.get("clip_max", 1.0)))
+        if block:
+            seq_len = max(block, seq_len // block * block)
+    try:
+        return Config(model=model_cfg, diffusion=DiffusionConfig(**diffusion),
+                      data=DataConfig(kind="text", text_path=TEXT_PATH_PLACEHOLDER, seq_len=seq_len, batch_size=8))
+    except ValueError as e:
+        raise InterchangeError(f"--arch {arch}: the imported settings do not form a valid dlmjax config: {e}") from None
+
+
+def _with_checkpoint_dtype(model_cfg: ModelConfig, ckpt: HFCheckpoint) -> ModelConfig:
+    """bfloat16 parameters and activations when every floating tensor is BF16 (the released LLaDA / Dream),
+    float32 parameters otherwise (F32 exactly; F16 / F64 widen or round through float32 and are cast back on export)."""
+    floats = {t.dtype for t in ckpt.tensors.values() if t.dtype.startswith(("F", "BF"))}
+    if floats == {"BF16"}:
+        return dataclasses.replace(model_cfg, param_dtype="bfloat16", dtype="bfloat16")
+    return dataclasses.replace(model_cfg, param_dtype="float32")
+
+
+def _flat(tree) -> dict:
+    from flax import traverse_util  # noqa: PLC0415
+
+    return traverse_util.flatten_dict(dict(tree)) if tree else {}
+
+
+def place_params(params: dict, model_cfg: ModelConfig, mesh=None) -> dict:
+    """Check `params` (host arrays, dlmjax layout) against the model and put each one, cast to
+    `model.param_dtype`, straight into its sharding on `mesh` (default: the config's mesh over all devices),
+    one tensor at a time: the host never holds a second copy of the model."""
+    import flax.linen as nn  # noqa: PLC0415
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+    from flax import traverse_util  # noqa: PLC0415
+
+    from dlmjax.config import MeshConfig  # noqa: PLC0415
+    from dlmjax.models.transformer import build_model  # noqa: PLC0415
+    from dlmjax.sharding import logical_to_sharding, make_mesh  # noqa: PLC0415
+
+    boxed = jax.eval_shape(lambda: build_model(model_cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+    mesh = mesh if mesh is not None else make_mesh(MeshConfig())
+    shardings = _flat(logical_to_sharding(nn.get_partition_spec(boxed)["params"], mesh))
+    like = _flat(nn.unbox(boxed["params"]))
+    got = _flat(params)
+    missing = sorted("/".join(k) for k in like.keys() - got.keys())
+    extra = sorted("/".join(k) for k in got.keys() - like.keys())
+    if missing or extra:
+        raise InterchangeError(f"converted parameters do not fit model.arch={model_cfg.arch}: missing {missing[:5]}, "
+                               f"unexpected {extra[:5]}")
+    placed = {}
+    for key, want in like.items():
+        a = got.pop(key)
+        if tuple(a.shape) != tuple(want.shape):
+            raise InterchangeError(f"parameter {'/'.join(key)} has shape {list(a.shape)}; the model expects "
+                                   f"{list(want.shape)}")
+        placed[key] = jax.device_put(np.asarray(a).astype(want.dtype, copy=False), shardings[key])
+        del a
+    return traverse_util.unflatten_dict(placed)
+
+
+def _import(hf_dir, arch: str, mesh=None):
+    module = get_module(arch)
+    ckpt = HFCheckpoint(hf_dir)
+    model_cfg, meta = module.model_config(ckpt.config, arch)
+    model_cfg = _with_checkpoint_dtype(model_cfg, ckpt)
+    cfg = build_config(model_cfg, meta, arch)
+    host_params, passthrough = module.to_params(ckpt.read, ckpt.names, model_cfg, arch)
+    params = place_params(host_params, model_cfg, mesh)
+    del host_params
+    return ckpt, cfg, params, meta, passthrough
+
+
+def import_hf(hf_dir, arch: str, mesh=None):
+    """(Config, params on the mesh, meta) for the Hugging Face checkpoint folder `hf_dir` of architecture `arch`."""
+    ckpt, cfg, params, meta, _ = _import(hf_dir, arch, mesh)
+    ckpt.close()
+    return cfg, params, meta
+
+
+def _manifest(ckpt: HFCheckpoint, arch: str, meta: dict, passthrough: dict, copied: list[str]) -> dict:
+    return {
+        "format": "dlmjax-hf-manifest", "version": 1, "arch": arch, "source": str(Path(ckpt.directory).absolute()),
+        "meta": meta, "index_file": INDEX_FILE if ckpt.index is not None else None, "copied_files": copied,
+        "passthrough": list(passthrough),
+        "shards": [{"file": s.file, "metadata": s.metadata,
+                    "tensors": [{"name": n, "dtype": ckpt.tensors[n].dtype, "shape": list(ckpt.tensors[n].shape)}
+                                for n in s.names]} for s in ckpt.shards],
+    }
+
+
+def convert_from_hf(hf_dir, arch: str, out, mesh=None) -> Path:
+    """Import `hf_dir` and write a params-only export at `out` (+ `out/hf/` for a faithful export later)."""
+    out = Path(out)
+    if (out / "params").exists() or (out / HF_DIR).exists():
+        raise InterchangeError(f"{out} already holds a converted checkpoint; choose a new --out")
+    ckpt, cfg, params, meta, passthrough = _import(hf_dir, arch, mesh)
+    hf_out = out / HF_DIR
+    hf_out.mkdir(parents=True)
+    copied = []
+    for name in COPIED_FILES:
+        if (ckpt.directory / name).is_file():
+            shutil.copyfile(ckpt.directory / name, hf_out / name)
+            copied.append(name)
+    if passthrough:
+        specs = [(n, dtype_name(a.dtype), tuple(a.shape)) for n, a in passthrough.items()]
+        write_safetensors(hf_out / PASSTHROUGH_FILE, specs, passthrough.__getitem__)
+    (hf_out / MANIFEST).write_text(json.dumps(_manifest(ckpt, arch, meta, passthrough, copied), indent=1))
+    ckpt.close()
+    from dlmjax.checkpoint import save_params  # noqa: PLC0415
+
+    return save_params(out, cfg, params)
+
+
+def _read_manifest(ckpt: Path) -> dict | None:
+    path = ckpt / HF_DIR / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _default_meta(cfg: Config) -> dict:
+    from dlmjax.data.tokenizer import ByteTokenizer  # noqa: PLC0415
+
+    meta = {"mask_id": cfg.diffusion.mask_id, "eos_id": None, "pad_id": None, "bos_id": None}
+    if cfg.model.vocab_size == ByteTokenizer.vocab_size:  # trained here on the byte tokenizer
+        meta.update(eos_id=ByteTokenizer.eos_id, pad_id=ByteTokenizer.pad_id, bos_id=ByteTokenizer.bos_id)
+    return meta
+
+
+def export_to_hf(ckpt, out) -> Path:
+    """Write the dlmjax checkpoint `ckpt` (an export from `convert --from-hf`, or any `dlmjax.checkpoint.load`
+    path of a llada/dream model) as a Hugging Face folder `out`.
+
+    With the `hf/` manifest of an import: the recorded tensor names, order, dtypes, shards, index and config files;
+    otherwise one float `model.safetensors` and a config.json generated from the dlmjax config.
+    """
+    from dlmjax.checkpoint import load  # noqa: PLC0415
+
+    ckpt, out = Path(ckpt), Path(out)
+    manifest = _read_manifest(ckpt)
+    cfg, params = load(ckpt)
+    if manifest is None:
+        arch = cfg.model.arch
+        if arch not in ("llada", "dream"):
+            raise InterchangeError(f"{ckpt} has no {HF_DIR}/{MANIFEST} (it was not imported from Hugging Face) and "
+                                   f"model.arch={arch} has no generated config.json; only llada and dream do")
+        module = get_module(arch)
+        tensors = module.to_hf(params, cfg.model, arch)
+        dtype = "BF16" if cfg.model.param_dtype == "bfloat16" else "F32"
+        manifest = {"arch": arch, "index_file": None, "copied_files": [], "passthrough": [],
+                    "shards": [{"file": SINGLE_FILE, "metadata": {"format": "pt"},
+                                "tensors": [{"name": n, "dtype": dtype, "shape": list(a.shape)}
+                                            for n, a in tensors.items()]}]}
+        generated = {CONFIG_FILE: json.dumps(module.hf_config(cfg.model, _default_meta(cfg)), indent=2) + "\n"}
+        passthrough = {}
+    else:
+        arch = manifest["arch"]
+        module = get_module(arch)
+        # A module whose names depend on the checkpoint (the DiT's optional `backbone.`) records it in meta.
+        prefix = {"prefix": manifest["meta"]["prefix"]} if "prefix" in manifest.get("meta", {}) else {}
+        tensors = module.to_hf(params, cfg.model, arch, **prefix)
+        generated = {}
+        passthrough = {}
+        if manifest["passthrough"]:
+            passthrough = read_safetensors(ckpt / HF_DIR / PASSTHROUGH_FILE)
+
+    recorded = [t for s in manifest["shards"] for t in s["tensors"]]
+    names = {t["name"] for t in recorded}
+    have = set(tensors) | set(passthrough)
+    missing, unexpected = sorted(names - have), sorted(have - names)
+    if missing or unexpected:
+        raise InterchangeError(f"export: the model gives tensors that do not match {ckpt / HF_DIR / MANIFEST}: "
+                               f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for t in recorded:  # check every shape before writing anything
+        a = tensors.get(t["name"], passthrough.get(t["name"]))
+        if list(a.shape) != t["shape"]:
+            raise InterchangeError(f"export: tensor {t['name']!r} has shape {list(a.shape)}; the imported checkpoint "
+                                   f"had {t['shape']}")
+    out.mkdir(parents=True, exist_ok=True)
+    written = [s["file"] for s in manifest["shards"]] + list(manifest["copied_files"]) + list(generated)
+    clash = [f for f in written if (out / f).exists()]
+    if clash:
+        raise InterchangeError(f"export: {out} already holds {clash}; choose an empty --out")
+
+    def get(name, dtype):
+        a = tensors[name] if name in tensors else passthrough[name]
+        return np.asarray(a).astype(DTYPES[dtype], copy=False)
+
+    for shard in manifest["shards"]:
+        specs = [(t["name"], t["dtype"], tuple(t["shape"])) for t in shard["tensors"]]
+        dtypes = {t["name"]: t["dtype"] for t in shard["tensors"]}
+        write_safetensors(out / shard["file"], specs, lambda n: get(n, dtypes[n]), shard["metadata"])
+    for name in manifest["copied_files"]:
+        shutil.copyfile(ckpt / HF_DIR / name, out / name)
+    for name, text in generated.items():
+        (out / name).write_text(text)
+    return out
+
+
+def forward_logits(cfg: Config, params, input_ids, sigma=None) -> np.ndarray:
+    """float32 raw logits [B, L, V] of one forward pass (what `dlmjax forward` writes).
+
+    Args:
+      input_ids: int [B, L] or [L] (one row).
+      sigma: DiT models only (model.arch dit): the noise level per row, [B] or a scalar.
+    A bd3 model (diffusion.objective bd3) given 2 x its length (`data.seq_len` or `model.max_seq_len`) reads the
+    input as `[x_t ; x_0]` under the BD3 training mask, both halves at positions 0..L-1, and returns all 2L rows
+    (the first L are the x_t predictions). No logit shift is applied (Dream: see `dlmjax.models.transformer
+    .shift_logits`).
+    """
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from dlmjax.diffusion.block import two_stream_inputs  # noqa: PLC0415
+    from dlmjax.models.attention import Bd3TrainingMask, FullMask  # noqa: PLC0415
+    from dlmjax.models.transformer import build_model  # noqa: PLC0415
+
+    ids = np.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input ids must be integers of shape [batch, length] or [length]; got {ids.dtype} "
+                         f"{list(np.shape(input_ids))}")
+    vocab = cfg.model.vocab_size
+    if ids.min() < 0 or ids.max() >= vocab:
+        raise ValueError(f"input ids must be in [0, model.vocab_size={vocab}); got min {ids.min()}, max {ids.max()}")
+    b, n = ids.shape
+    kwargs = {}
+    if sigma is not None:
+        if cfg.model.arch != "dit":
+            raise ValueError(f"--sigma applies to DiT models (model.arch=dit: mdlm / bd3lm imports); this checkpoint "
+                             f"has model.arch={cfg.model.arch}, whose forward takes no noise level")
+        s = np.asarray(sigma, np.float32).reshape(-1)
+        if s.size == 1:
+            s = np.broadcast_to(s, (b,))
+        if s.shape != (b,):
+            raise ValueError(f"sigma must hold one value per row ([{b}]) or one scalar; got shape "
+                             f"{list(np.shape(sigma))}")
+        kwargs["sigma"] = jnp.asarray(s)
+    mask = FullMask()
+    if cfg.diffusion.objective == "bd3" and n % 2 == 0 and n // 2 in (cfg.data.seq_len, cfg.model.max_seq_len):
+        half = n // 2
+        mask = Bd3TrainingMask(half, cfg.diffusion.block_size or half)
+        _, kwargs["positions"], _ = two_stream_inputs(ids[:, :half], ids[:, half:], np.ones((b, half), bool))
+    elif n > cfg.model.max_seq_len:
+        raise ValueError(f"input length {n} exceeds the model's context model.max_seq_len={cfg.model.max_seq_len}")
+    model = build_model(cfg.model, mask)
+    logits = jax.jit(lambda p, t, kw: model.apply({"params": p}, t, **kw))(params, jnp.asarray(ids, jnp.int32), kwargs)
+    return np.asarray(logits, np.float32)
