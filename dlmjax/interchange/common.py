@@ -151,3 +151,17 @@ def unstack_layers(params: dict, n_layers: int) -> dict:
     for i in range(n_layers):
         params[f"blocks_{i}"] = jax.tree.map(lambda x, i=i: np.asarray(x)[i], stacked)
     return params
+
+
+def transformer_to_params(entries: Sequence[Entry], read, names, cfg, *, passthrough, arch: str):
+    """`to_params` of the Transformer families (llada, dream): map every tensor, then stack the layers when
+    the model scans over them."""
+    params, extra = tensors_to_params(entries, read, names, passthrough=passthrough, arch=arch)
+    return (stack_layers(params, cfg.n_layers) if cfg.scan_layers else params), extra
+
+
+def transformer_to_hf(entries: Sequence[Entry], params: dict, cfg, *, arch: str) -> dict[str, np.ndarray]:
+    """`to_hf` of the Transformer families: unstack scanned layers, then map every parameter back."""
+    if cfg.scan_layers:
+        params = unstack_layers(params, cfg.n_layers)
+    return params_to_tensors(entries, params, arch=arch)

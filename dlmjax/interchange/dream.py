@@ -18,8 +18,8 @@ The forward returns raw logits: row i predicts token i + 1. Samplers read positi
 from __future__ import annotations
 
 from dlmjax.config import ModelConfig
-from dlmjax.interchange.common import (Entry, get_key, params_to_tensors, require, stack_layers,
-                                       tensors_to_params, token_id, unstack_layers)
+from dlmjax.interchange.common import (Entry, get_key, require, token_id, transformer_to_hf,
+                                       transformer_to_params)
 from dlmjax.interchange.errors import InterchangeError
 from dlmjax.models.transformer import shift_logits  # noqa: F401 (re-export: the Dream sampling convention)
 
@@ -96,14 +96,11 @@ def entries(cfg: ModelConfig) -> list[Entry]:
 def to_params(read, names, cfg: ModelConfig, arch: str = "dream") -> tuple[dict, dict]:
     # A tied checkpoint may still store lm_head.weight (a copy of the embedding, which HF re-ties on load).
     passthrough = PASSTHROUGH + ((r"^lm_head\.weight$",) if cfg.tie_embeddings else ())
-    params, extra = tensors_to_params(entries(cfg), read, names, passthrough=passthrough, arch=arch)
-    return (stack_layers(params, cfg.n_layers) if cfg.scan_layers else params), extra
+    return transformer_to_params(entries(cfg), read, names, cfg, passthrough=passthrough, arch=arch)
 
 
 def to_hf(params, cfg: ModelConfig, arch: str = "dream") -> dict:
-    if cfg.scan_layers:
-        params = unstack_layers(params, cfg.n_layers)
-    return params_to_tensors(entries(cfg), params, arch=arch)
+    return transformer_to_hf(entries(cfg), params, cfg, arch=arch)
 
 
 def hf_config(cfg: ModelConfig, meta: dict) -> dict:

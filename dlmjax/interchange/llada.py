@@ -20,8 +20,8 @@ biases map onto `model.qkv_bias`.
 from __future__ import annotations
 
 from dlmjax.config import ModelConfig
-from dlmjax.interchange.common import (Entry, get_key, params_to_tensors, require, stack_layers,
-                                       tensors_to_params, token_id, unstack_layers)
+from dlmjax.interchange.common import (Entry, get_key, require, token_id, transformer_to_hf,
+                                       transformer_to_params)
 from dlmjax.interchange.errors import InterchangeError
 
 ARCHES = ("llada",)
@@ -117,14 +117,11 @@ def entries(cfg: ModelConfig) -> list[Entry]:
 
 
 def to_params(read, names, cfg: ModelConfig, arch: str = "llada") -> tuple[dict, dict]:
-    params, extra = tensors_to_params(entries(cfg), read, names, passthrough=PASSTHROUGH, arch=arch)
-    return (stack_layers(params, cfg.n_layers) if cfg.scan_layers else params), extra
+    return transformer_to_params(entries(cfg), read, names, cfg, passthrough=PASSTHROUGH, arch=arch)
 
 
 def to_hf(params, cfg: ModelConfig, arch: str = "llada") -> dict:
-    if cfg.scan_layers:
-        params = unstack_layers(params, cfg.n_layers)
-    return params_to_tensors(entries(cfg), params, arch=arch)
+    return transformer_to_hf(entries(cfg), params, cfg, arch=arch)
 
 
 def hf_config(cfg: ModelConfig, meta: dict) -> dict:

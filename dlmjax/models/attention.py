@@ -126,3 +126,18 @@ def attention(
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, lq, h, dh).astype(q.dtype)
+
+
+def attend_with_cache(q, k, v, *, mask, key_mask, dense_mask, impl, cache_k=None, cache_v=None):
+    """Attention of a chunk, optionally after a KV-cache prefix; shared by every block that supports a cache.
+
+    Without `cache_k/v` it is `attention(q, k, v, ...)` and returns `(out, None)`. With them ([B, S, Hkv, Dh])
+    the keys and values are `[all S cache slots ; this chunk]` (which cache slots are valid is in
+    `dense_mask` [B, n, S + n]) and it returns `(out, (k, v))`, the chunk's K/V for the caller to write back.
+    """
+    if cache_k is None:
+        return attention(q, k, v, mask=mask, key_mask=key_mask, dense_mask=dense_mask, impl=impl), None
+    keys = jnp.concatenate([cache_k, k.astype(cache_k.dtype)], axis=1)
+    values = jnp.concatenate([cache_v, v.astype(cache_v.dtype)], axis=1)
+    out = attention(q, keys, values, mask=mask, key_mask=key_mask, dense_mask=dense_mask, impl=impl)
+    return out, (k, v)

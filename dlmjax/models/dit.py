@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from dlmjax.config import ConfigError, ModelConfig
-from dlmjax.models.attention import FullMask, MaskSpec, attention
+from dlmjax.models.attention import FullMask, MaskSpec, attend_with_cache
 from dlmjax.models.layers import DTYPES, Dense, apply_rotary, dense_init, rotary_tables
 from dlmjax.models.transformer import _check_cached_call, _write_cache
 
@@ -192,15 +192,8 @@ class DiTBlock(nn.Module):
         q, k, v = (part.reshape(b, length, heads, head_dim) for part in qkv)
         q = nn.with_logical_constraint(apply_rotary(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(apply_rotary(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
-        if cache_k is None:
-            chunk_kv = None
-            a = attention(q, k, v, mask=self.mask, key_mask=key_mask, dense_mask=dense_mask, impl=cfg.attention_impl)
-        else:
-            chunk_kv = (k, v)
-            keys = jnp.concatenate([cache_k, k.astype(cache_k.dtype)], axis=1)
-            values = jnp.concatenate([cache_v, v.astype(cache_v.dtype)], axis=1)
-            a = attention(q, keys, values, mask=self.mask, key_mask=key_mask, dense_mask=dense_mask,
-                          impl=cfg.attention_impl)
+        a, chunk_kv = attend_with_cache(q, k, v, mask=self.mask, key_mask=key_mask, dense_mask=dense_mask,
+                                        impl=cfg.attention_impl, cache_k=cache_k, cache_v=cache_v)
         a = Dense(d, ("heads", "embed"), cfg.init_std, dtype, pdt, name="attn_out")(a.reshape(b, length, -1))
         # The residual stream stays float32 (the reference adds bf16 branches to its float32 embedding stream).
         x = x + (gate_msa * a if cfg.adaln else a).astype(jnp.float32)

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from dlmjax.config import ModelConfig
-from dlmjax.models.attention import FullMask, MaskSpec, attention
+from dlmjax.models.attention import FullMask, MaskSpec, attend_with_cache
 from dlmjax.models.layers import DTYPES, Dense, RMSNorm, apply_rotary, dense_init, rotary_tables
 
 BATCH_LENGTH_EMBED = ("batch", "length", "embed")
@@ -59,16 +59,8 @@ class Block(nn.Module):
         v = v.reshape(b, length, cfg.num_kv_heads, cfg.head_dim)
         q = nn.with_logical_constraint(apply_rotary(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(apply_rotary(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
-        if cache_k is None:
-            chunk_kv = None
-            a = attention(q, k, v, mask=self.mask, key_mask=key_mask, dense_mask=dense_mask, impl=cfg.attention_impl)
-        else:
-            # Keys are [all S cache slots ; this chunk]; which cache slots are valid is in dense_mask [B, n, S + n].
-            chunk_kv = (k, v)
-            keys = jnp.concatenate([cache_k, k.astype(cache_k.dtype)], axis=1)
-            values = jnp.concatenate([cache_v, v.astype(cache_v.dtype)], axis=1)
-            a = attention(q, keys, values, mask=self.mask, key_mask=key_mask, dense_mask=dense_mask,
-                          impl=cfg.attention_impl)
+        a, chunk_kv = attend_with_cache(q, k, v, mask=self.mask, key_mask=key_mask, dense_mask=dense_mask,
+                                        impl=cfg.attention_impl, cache_k=cache_k, cache_v=cache_v)
         a = proj("attn_out", cfg.d_model, ("heads", "embed"), out_std)(a.reshape(b, length, -1))
         x = nn.with_logical_constraint(x + a.astype(x.dtype), BATCH_LENGTH_EMBED)
 
