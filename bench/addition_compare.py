@@ -34,8 +34,8 @@ def measure(cfg, params, task, problems, tok, repeats, cached):
     result, predictions = runs[0]
     assert all(p == predictions for _, p in runs), "sampling is not deterministic across repeats"
     seconds = statistics.median(r["sample_seconds"] for r, _ in runs)
-    tokens = result["sample_tokens_per_s"] * result["sample_seconds"]
-    return {**result, "sample_seconds": seconds, "sample_tokens_per_s": round(tokens / seconds, 1)}, predictions
+    return {**result, "sample_seconds": seconds,
+            "sample_tokens_per_s": round(result["sample_tokens"] / seconds, 1)}, predictions
 
 
 def main():

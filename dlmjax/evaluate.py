@@ -116,10 +116,11 @@ def task_exact_match(cfg: Config, params, task, problems, tokenizer, rng, *, ret
     generated = np.concatenate(outputs)
     predictions = [tokenizer.decode(row.tolist()) for row in generated]
     correct = [task.score(pred, prob) for pred, prob in zip(predictions, problems)]
+    n_tokens = tokens_before_eos(generated, tokenizer.eos_id)
     result = {"exact_match": float(np.mean(correct)), "eval_problems": len(problems),
               "sampler": "block" if isinstance(settings, BlockSamplerSettings) else "masked",
-              "sample_nfe": nfe, "sample_seconds": round(seconds, 4),
-              "sample_tokens_per_s": round(tokens_before_eos(generated, tokenizer.eos_id) / seconds, 1)}
+              "sample_nfe": nfe, "sample_seconds": round(seconds, 4), "sample_tokens": n_tokens,
+              "sample_tokens_per_s": round(n_tokens / seconds, 1)}
     if return_predictions:
         return result, predictions
     return result

@@ -111,8 +111,8 @@ def _sample_blocks(settings: BlockSamplerSettings, canvas, first_block, rng, mod
     Args:
       canvas: int32[B, T], prompts left-aligned, `mask_id` in every slot to generate.
       first_block: int32 scalar, the first block holding a masked slot in some row.
-      model_state: what the sampler carries for its model (the KV cache, or the canvas it runs on).
-      block_logits: `(model_state, block int32[B, L'], b) -> float32[B, L', V]`, one forward pass.
+      model_state: what the sampler carries for its model besides the canvas (the KV cache; () if nothing).
+      block_logits: `(model_state, canvas, block int32[B, L'], b) -> float32[B, L', V]`, one forward pass.
       commit_block: `(model_state, block, b, skip bool scalar) -> (model_state, nfe int32)`.
 
     Returns:
@@ -140,7 +140,7 @@ def _sample_blocks(settings: BlockSamplerSettings, canvas, first_block, rng, mod
         def step_body(carry):
             step, block, rng = carry
             rng, gumbel_key, confidence_key = step_keys(rng)
-            logits = block_logits(model_state, block, b)
+            logits = block_logits(model_state, canvas, block, b)
             new = block_step(logits, block, settings=s, k=table[:, step], gumbel_key=gumbel_key,
                              confidence_key=confidence_key)
             return step + 1, jnp.where(done[:, None], block, new), rng  # done rows stay frozen
@@ -168,7 +168,7 @@ def _layout(config: ModelConfig, prompt, prompt_mask, settings: BlockSamplerSett
 
     Returns:
       canvas int32[B, T]: each row's prompt moved to its left end (order kept), `mask_id` after it;
-      prompt_lengths int32[B]; first_block int32 scalar: the block holding the shortest prompt's end.
+      first_block int32 scalar: the block holding the shortest prompt's end.
     """
     prompt = check_request(prompt, settings, BlockSamplerSettings)
     batch, width = prompt.shape
@@ -197,7 +197,7 @@ def _layout(config: ModelConfig, prompt, prompt_mask, settings: BlockSamplerSett
     moved = jnp.where(jnp.arange(width) < lengths[:, None], moved, jnp.int32(s.mask_id))
     canvas = jnp.concatenate([moved, jnp.full((batch, s.max_length - width), s.mask_id, jnp.int32)], axis=1)
     first_block = (jnp.min(lengths) // s.block_length).astype(jnp.int32)
-    return canvas, lengths, first_block
+    return canvas, first_block
 
 
 def _cache_length(settings: BlockSamplerSettings) -> int:
@@ -249,7 +249,7 @@ def generate_blocks(
         # One block (MDLM): nothing is ever cached, so the plain forward over the row is the same program
         # with less work (no empty cache segment in every attention call).
         return generate_blocks_uncached(config, params, prompt, settings, rng, prompt_mask=prompt_mask)
-    canvas, _, first_block = _layout(config, prompt, prompt_mask, settings)
+    canvas, first_block = _layout(config, prompt, prompt_mask, settings)
     batch = canvas.shape[0]
     length = settings.block_length
     model = build_model(config)
@@ -267,7 +267,8 @@ def generate_blocks(
         cache = dict(cache, index=index,
                      key_mask=jnp.broadcast_to(jnp.arange(cache["key_mask"].shape[1]) < index, cache["key_mask"].shape))
 
-    def block_logits(cache, block, b):
+    def block_logits(cache, canvas, block, b):
+        del canvas  # the cache holds everything before the block
         logits, _ = model.apply({"params": params}, block, positions=_positions(batch, b * length, length),
                                 cache=cache)
         return logits
@@ -300,19 +301,19 @@ def generate_blocks_uncached(
     Same arguments and the same tokens for the same rng. Returns (tokens int32[B, T], nfe int32) with
     nfe = the denoising steps (no prefill or commit passes).
     """
-    canvas, _, first_block = _layout(config, prompt, prompt_mask, settings)
+    canvas, first_block = _layout(config, prompt, prompt_mask, settings)
     length = settings.block_length
     model = build_model(config, BlockCausalMask(length))
 
     def place(canvas, block, b):
         return jax.lax.dynamic_update_slice(canvas, block, (jnp.int32(0), b * length))
 
-    def block_logits(canvas, block, b):
+    def block_logits(state, canvas, block, b):
         logits = model.apply({"params": params}, place(canvas, block, b))
         return jax.lax.dynamic_slice_in_dim(logits, b * length, length, axis=1)
 
-    def commit_block(canvas, block, b, skip):
-        return place(canvas, block, b), jnp.int32(0)
+    def commit_block(state, block, b, skip):
+        return state, jnp.int32(0)  # the finished block is in the canvas, which every step reads whole
 
-    return _sample_blocks(settings, canvas, first_block, rng, canvas, block_logits, commit_block)
+    return _sample_blocks(settings, canvas, first_block, rng, (), block_logits, commit_block)
 
