@@ -19,7 +19,8 @@ Glossary (names in the code follow it; see ../README.md for the longer version):
   prefill / commit pass  Forwards that write K/V into the block sampler's cache: the prompt's full blocks once,
                  then each finished block.
 
-Entry points: `dlmjax.generate` (jitted masked sampler), `dlmjax.generate_blocks` (jitted block-diffusion
+Entry points: `dlmjax.generate(params, prompt_ids, settings)` (the masked sampler: LLaDA, Fast-dLLM caches and
+parallel decoding, Dream; ragged prompts in width buckets; `dlmjax.sampling.generate` is the jitted program), `dlmjax.generate_blocks` (jitted block-diffusion
 sampler with a KV cache), `dlmjax.sample` (the sampler a run was trained for), `dlmjax.load` (config and params
 of a checkpoint), `dlmjax.load_config`, `dlmjax.Denoiser`, and the `dlmjax` command line (`dlmjax.cli`).
 """
@@ -27,8 +28,9 @@ from dlmjax.checkpoint import load
 from dlmjax.config import Config, load_config
 from dlmjax.models.transformer import Denoiser, Transformer, init_params
 from dlmjax.evaluate import sample
-from dlmjax.sampling import BlockSamplerSettings, SamplerSettings, generate, generate_blocks
+from dlmjax.sampling import BlockSamplerSettings, SamplerSettings, generate_blocks
+from dlmjax.sampling.api import Generation, generate
 
 __version__ = "0.1.0"
-__all__ = ["BlockSamplerSettings", "Config", "Denoiser", "SamplerSettings", "Transformer", "generate",
+__all__ = ["BlockSamplerSettings", "Config", "Denoiser", "Generation", "SamplerSettings", "Transformer", "generate",
            "generate_blocks", "init_params", "load", "load_config", "sample"]

@@ -47,6 +47,10 @@ def cmd_eval(args) -> int:
     return 0
 
 
+REMASKING_RULES = ("low_confidence", "random")
+FAST_FLAGS = ("cache", "threshold", "factor", "alg", "top_p", "top_k")
+
+
 def cmd_sample(args) -> int:
     import dataclasses
 
@@ -62,34 +66,71 @@ def cmd_sample(args) -> int:
     if (args.prompt is None) == (args.prompt_ids is None):
         raise SystemExit("give exactly one of --prompt TEXT or --prompt-ids 1,2,3[;4,5,6]")
     rows = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else [tok.encode(args.prompt, bos=True)]
-    width = max(len(r) for r in rows)
-    # Rows of different lengths are left-padded; the mask keeps the padding out of attention.
-    prompt = np.zeros((len(rows), width), np.int32)
-    prompt_mask = np.zeros((len(rows), width), bool)
-    for i, r in enumerate(rows):
-        prompt[i, width - len(r):] = r
-        prompt_mask[i, width - len(r):] = True
     flags = {"gen_length": args.gen_length, "steps": args.steps, "block_length": args.block_length,
              "steps_per_block": args.steps_per_block, "remasking": args.remasking, "temperature": args.temperature}
+    if flags["remasking"] not in (None, *REMASKING_RULES):
+        flags["remasking"] = None  # margin / entropy: masked sampler only, passed straight to its settings
     cfg = dataclasses.replace(cfg, sample=dataclasses.replace(
         cfg.sample, **{k: v for k, v in flags.items() if v is not None}))
-    settings = sampler_settings(cfg, width)
-    if args.cfg_scale:
-        if uses_block_sampler(cfg):
-            raise SystemExit("--cfg-scale: classifier-free guidance is implemented for the masked sampler only; "
-                             f"this checkpoint (diffusion.objective={cfg.diffusion.objective}) uses the block sampler")
-        settings = dataclasses.replace(settings, cfg_scale=args.cfg_scale)
-    tokens, nfe = sample(cfg, params, prompt, jax.random.PRNGKey(args.seed), settings=settings,
-                         prompt_mask=prompt_mask)
-    tokens = np.asarray(tokens)
-    # Each row as prompt + generation: the block sampler already drops padding, the masked one keeps it.
-    out = [row.tolist() if uses_block_sampler(cfg) else row[width - len(r):].tolist() for row, r in zip(tokens, rows)]
+    rng = jax.random.PRNGKey(args.seed)
+    if uses_block_sampler(cfg):
+        given = [f"--{f.replace('_', '-')}" for f in FAST_FLAGS if getattr(args, f) not in (None, "none")]
+        if args.cfg_scale or given:
+            raise SystemExit(f"{' '.join(given + (['--cfg-scale'] if args.cfg_scale else []))}: this checkpoint "
+                             f"(diffusion.objective={cfg.diffusion.objective}) samples with the BD3 block sampler, "
+                             "which has an exact KV cache and no guidance; these flags belong to the masked sampler")
+        width = max(len(r) for r in rows)
+        # Rows of different lengths are left-padded; the mask keeps the padding out of attention.
+        prompt = np.zeros((len(rows), width), np.int32)
+        prompt_mask = np.zeros((len(rows), width), bool)
+        for i, r in enumerate(rows):
+            prompt[i, width - len(r):] = r
+            prompt_mask[i, width - len(r):] = True
+        settings = sampler_settings(cfg, width)
+        tokens, nfe = sample(cfg, params, prompt, rng, settings=settings, prompt_mask=prompt_mask)
+        out, nfe = np.asarray(tokens).tolist(), int(nfe)  # the block sampler already drops padding
+    else:
+        out, nfe = _sample_masked(cfg, params, rows, rng, args)
     if args.json:
-        print(json.dumps({"tokens": out, "nfe": int(nfe)}))
+        print(json.dumps({"tokens": out, "nfe": nfe}))
     else:
         for row, r in zip(out, rows):
             print(tok.decode(row[len(r):]) if args.prompt is not None else row)
     return 0
+
+
+def _sample_masked(cfg, params, rows, rng, args):
+    """The masked sampler (LLaDA / Fast-dLLM / Dream) through `dlmjax.generate`: rows are prompt + generation."""
+    from dlmjax.interchange import special_tokens
+    from dlmjax.sampling import SamplerSettings
+    from dlmjax.sampling.api import generate
+
+    width = max(len(r) for r in rows)
+    gen = args.gen_length or cfg.sample.gen_length or (cfg.data.seq_len - width)
+    if gen <= 0:
+        raise ValueError(f"--gen-length resolves to {gen}: the prompt ({width} tokens) fills data.seq_len="
+                         f"{cfg.data.seq_len}; pass --gen-length")
+    ids = special_tokens(args.checkpoint, cfg)
+    common = dict(temperature=args.temperature if args.temperature is not None else cfg.sample.temperature,
+                  cfg_scale=args.cfg_scale, top_p=args.top_p or 1.0, top_k=args.top_k or 0,
+                  eos_id=ids.get("eos_id"), pad_id=ids.get("pad_id"))
+    if args.stop_at_eos:
+        common["stop_at_eos"] = True
+    steps = args.steps or cfg.sample.steps or gen
+    block = args.block_length or cfg.sample.block_length or gen
+    if args.alg:
+        if args.cache not in (None, "none") or args.factor is not None or args.remasking:
+            raise SystemExit("--alg selects Dream's diffusion_generate; it takes no --cache, --factor or --remasking")
+        settings = SamplerSettings.dream(max_new_tokens=gen, steps=steps, alg=args.alg, alg_temp=args.alg_temp,
+                                         threshold=args.threshold, mask_id=cfg.diffusion.mask_id,
+                                         block_length=block, model=cfg.model, **common)
+    else:
+        settings = SamplerSettings.for_model(
+            cfg, gen_length=gen, steps=steps, block_length=block,
+            remasking=args.remasking or cfg.sample.remasking, cache=args.cache or "none",
+            threshold=args.threshold, factor=args.factor, **common)
+    result = generate(params, rows, settings, rng)
+    return result.rows(), result.nfe
 
 
 def cmd_convert(args) -> int:
@@ -154,11 +195,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--block-length", type=int,
                    help="masked sampler: semi-AR block; block sampler (bd3 runs): block size (default: trained)")
     s.add_argument("--steps-per-block", type=int, help="block sampler: denoising steps per block")
-    s.add_argument("--remasking", choices=["low_confidence", "random"])
+    s.add_argument("--remasking", choices=["low_confidence", "random", "margin", "entropy"])
     s.add_argument("--temperature", type=float)
-    s.add_argument("--cfg-scale", type=float, default=0.0)
+    s.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance weight (masked sampler)")
+    s.add_argument("--cache", choices=["none", "prefix", "dual"],
+                   help="masked sampler: Fast-dLLM KV cache (default none)")
+    s.add_argument("--threshold", type=float, help="parallel decoding: commit slots with confidence >= X "
+                   "(Fast-dLLM; with --alg confidence_threshold, Dream's rule)")
+    s.add_argument("--factor", type=float, help="parallel decoding: Fast-dLLM's factor rule")
+    s.add_argument("--alg", choices=["origin", "maskgit_plus", "topk_margin", "entropy", "confidence_threshold"],
+                   help="Dream's diffusion_generate algorithm (one block over the generation by default)")
+    s.add_argument("--alg-temp", type=float, default=0.0, help="Dream: sample committed slots (alg temperature)")
+    s.add_argument("--top-p", type=float, help="nucleus filtering of each proposal")
+    s.add_argument("--top-k", type=int, help="top-k filtering of each proposal")
+    s.add_argument("--stop-at-eos", action="store_true", help="masked sampler: a row stops after the block "
+                   "in which it generated EOS (later slots hold the pad id)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--json", action="store_true", help='print {"tokens": [[...]], "nfe": N}')
+    s.add_argument("--json", action="store_true", help='print {"tokens": [[...]], "nfe": N}: prompt + generation '
+                   "per row")
     s.set_defaults(fn=cmd_sample)
 
     e = sub.add_parser("eval", help="held-out NELBO perplexity and task exact match; prints one JSON line")

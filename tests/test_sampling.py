@@ -105,6 +105,8 @@ def reference_generate(denoiser, params, prompt, s: SamplerSettings, rng, prompt
         tables = [naive_transfer_counts(int((x[j, lo:hi] == m).sum()), steps_per_block)
                   for j in range(batch)]
         for i in range(steps_per_block):
+            if not (x[:, lo:hi] == m).any():
+                break  # a full block takes no more steps (Fast-dLLM; LLaDA would run no-op steps)
             rng, gumbel_key, confidence_key = step_keys(rng)
             if s.cfg_scale > 0:
                 unconditional = x.copy()
@@ -116,22 +118,24 @@ def reference_generate(denoiser, params, prompt, s: SamplerSettings, rng, prompt
             nfe += 1
             if s.logits_eos_inf:
                 logits[:, :, s.eos_id] = -np.inf
+            # dlmjax draws the step's noise for the block's slots only; the same keys feed both sides.
+            block_logits = logits[:, lo:hi]
             if s.temperature == 0:
-                proposal = logits.argmax(-1)
+                proposal = block_logits.argmax(-1)
             else:
-                gumbel = np.asarray(_gumbel(gumbel_key, logits.shape, noise_dtype))
-                proposal = (logits.astype(noise_dtype) + s.temperature * gumbel).argmax(-1)
+                gumbel = np.asarray(_gumbel(gumbel_key, block_logits.shape, noise_dtype))
+                proposal = (block_logits.astype(noise_dtype) + s.temperature * gumbel).argmax(-1)
             if s.remasking == "low_confidence":
-                shifted = np.exp(logits - logits.max(-1, keepdims=True))
+                shifted = np.exp(block_logits - block_logits.max(-1, keepdims=True))
                 probs = shifted / shifted.sum(-1, keepdims=True)  # float32, like LLaDA's fp32 logits
                 conf = np.take_along_axis(probs, proposal[..., None], -1)[..., 0]
             else:
-                conf = np.asarray(_uniform(confidence_key, x.shape, jnp.float32))
+                conf = np.asarray(_uniform(confidence_key, proposal.shape, jnp.float32))
             for j in range(batch):
                 masked = [q for q in range(lo, hi) if x[j, q] == m]
-                masked.sort(key=lambda q: -conf[j, q])  # stable: equal confidence -> lower index
+                masked.sort(key=lambda q: -conf[j, q - lo])  # stable: equal confidence -> lower index
                 for q in masked[: tables[j][i]]:
-                    x[j, q] = proposal[j, q]
+                    x[j, q] = proposal[j, q - lo]
             history.append(x.copy())
     return x, nfe, history
 
@@ -176,7 +180,7 @@ REFERENCE_CASES = {
     "one_block_fewer_steps": dict(gen_length=12, steps=5),  # n=12, S=5: [3, 3, 2, 2, 2]
     "semi_ar": dict(gen_length=12, block_length=4, steps=6),
     "semi_ar_non_divisible": dict(gen_length=12, block_length=4, steps=9),  # [2, 1, 1] per block
-    "more_steps_than_slots": dict(gen_length=4, steps=8),  # [1, 1, 1, 1, 0, 0, 0, 0]
+    "more_steps_than_slots": dict(gen_length=4, steps=8),  # [1, 1, 1, 1, 0, 0, 0, 0]: stops after 4
     "cfg": dict(gen_length=12, block_length=6, steps=6, cfg_scale=1.0),
     "logits_eos_inf": dict(gen_length=8, block_length=4, steps=4, eos_id=EOS_ID, logits_eos_inf=True),
 }
@@ -196,7 +200,8 @@ def test_generate_equals_reference(name):
     assert tokens.dtype == jnp.int32 and tokens.shape == (2, 4 + settings.gen_length)
     np.testing.assert_array_equal(np.asarray(tokens), expected)
     assert nfe.dtype == jnp.int32
-    assert int(nfe) == settings.steps == expected_nfe  # a CFG doubled-batch pass counts once
+    # One forward per step (a CFG doubled-batch pass counts once), and no step once the block is full.
+    assert int(nfe) == expected_nfe == min(settings.steps, settings.gen_length)
     assert not np.any(np.asarray(tokens) == MASK_ID)
     if settings.logits_eos_inf:
         assert not np.any(np.asarray(tokens)[:, 4:] == EOS_ID)
@@ -349,7 +354,18 @@ def test_generate_compiles_once_per_shape_and_settings():
     (dict(gen_length=12, steps=6, block_length=5), "block_length=5"),
     (dict(gen_length=12, steps=6, block_length=3), "steps=6"),  # 4 blocks need a multiple of 4
     (dict(gen_length=12, steps=2, block_length=4), "steps=2"),  # fewer steps than blocks
-    (dict(gen_length=8, steps=8, remasking="entropy"), "remasking='entropy'"),
+    (dict(gen_length=8, steps=8, remasking="entropic"), "remasking='entropic'"),
+    (dict(gen_length=8, steps=8, cache="full"), "cache='full'"),
+    (dict(gen_length=8, steps=8, threshold=1.5), "threshold=1.5"),
+    (dict(gen_length=8, steps=8, factor=0.0), "factor=0.0"),
+    (dict(gen_length=8, steps=8, schedule="dream", cache="dual"), "cache='dual'"),
+    (dict(gen_length=8, steps=8, schedule="dream", factor=1.0), "factor=1.0"),
+    (dict(gen_length=8, steps=8, schedule="dream", remasking="random"), "remasking='random'"),
+    (dict(gen_length=8, steps=8, alg_temp=0.5), "alg_temp=0.5"),
+    (dict(gen_length=8, steps=8, eos_id=3, eot_id=None, confidence_eos_eot_inf=True),
+     "confidence_eos_eot_inf=True needs eot_id"),
+    (dict(gen_length=8, steps=8, stop_at_eos=True), "stop_at_eos=True"),
+    (dict(gen_length=8, steps=8, top_p=0.0), "top_p=0.0"),
     (dict(gen_length=8, steps=8, temperature=-0.5), "temperature=-0.5"),
     (dict(gen_length=8, steps=8, cfg_scale=float("nan")), "cfg_scale=nan"),
     (dict(gen_length=8, steps=8, logits_eos_inf=True), "logits_eos_inf=True"),
@@ -363,7 +379,7 @@ def test_settings_errors_name_the_field(kwargs, needle):
 
 def test_settings_error_lists_allowed_values_and_defaults_resolve():
     with pytest.raises(ValueError, match="low_confidence"):
-        SamplerSettings(mask_id=0, gen_length=8, steps=8, remasking="margin")
+        SamplerSettings(mask_id=0, gen_length=8, steps=8, remasking="margins")
     with pytest.raises(ValueError, match=r"\[1, 2, 3, 4, 6, 12\]"):
         SamplerSettings(mask_id=0, gen_length=12, steps=12, block_length=5)
     default = SamplerSettings(mask_id=0, gen_length=8, steps=4)

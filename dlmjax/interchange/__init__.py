@@ -200,6 +200,19 @@ def _default_meta(cfg: Config) -> dict:
     return meta
 
 
+def special_tokens(ckpt, cfg: Config) -> dict:
+    """Token ids of a checkpoint: {mask_id, eos_id, pad_id, bos_id} (None where unknown).
+
+    From the import manifest of a `convert --from-hf` export (the original config.json's ids), else the byte
+    tokenizer's ids for a model trained here.
+    """
+    manifest = _read_manifest(Path(ckpt))
+    meta = dict(_default_meta(cfg))
+    if manifest is not None:
+        meta.update({k: v for k, v in manifest.get("meta", {}).items() if k.endswith("_id")})
+    return meta
+
+
 def export_to_hf(ckpt, out) -> Path:
     """Write the dlmjax checkpoint `ckpt` (an export from `convert --from-hf`, or any `dlmjax.checkpoint.load`
     path of a llada/dream model) as a Hugging Face folder `out`.

@@ -243,21 +243,45 @@ class Denoiser:
     """Hashable, static view of a model for samplers: (params, tokens, key_mask) -> float32 logits [B, L, V],
     position-aligned (Dream's shifted logits are shifted back here; DiT models get sigma = 0).
 
+    Rotary positions count attended tokens only (`cumsum(key_mask) - 1`, as Dream does under padding), so a
+    left-padded row computes exactly what the unpadded row computes.
+
     Samplers take it as a static argument of `jax.jit` and the parameters as a traced argument, so weights
-    are never baked into the compiled program.
+    are never baked into the compiled program. The cached samplers use `init_cache` and `forward_cached`.
     """
 
     config: ModelConfig
     mask: MaskSpec = FullMask()
 
+    @property
+    def shifted(self) -> bool:
+        """True for Dream: raw row i - 1 predicts token i (`forward_cached` returns raw, unshifted logits)."""
+        return self.config.arch == "dream"
+
     def __call__(self, params, tokens, key_mask=None, positions=None):
+        if positions is None and key_mask is not None:
+            positions = padded_positions(key_mask)
         logits = build_model(self.config, self.mask).apply({"params": params}, tokens, key_mask=key_mask,
                                                            positions=positions)
-        if self.config.arch == "dream":
+        if self.shifted:
             # Dream predicts token i from hidden state i - 1 (its AR heritage); samplers see position-aligned
             # logits, so every sampler handles Dream checkpoints without knowing about the shift.
             logits = shift_logits(logits)
         return logits
+
+    def init_cache(self, batch: int, length: int):
+        return init_cache(self.config, batch, length)
+
+    def forward_cached(self, params, tokens, *, positions, key_mask, cache, update_cache=False):
+        """A chunk against the valid cache slots (see `Transformer.__call__`) -> (raw logits [B, n, V], cache)."""
+        return build_model(self.config, self.mask).apply(
+            {"params": params}, tokens, positions=positions, key_mask=key_mask, cache=cache,
+            update_cache=update_cache)
+
+
+def padded_positions(key_mask: jax.Array) -> jax.Array:
+    """Rotary positions int32[B, L] that count real tokens only: `cumsum(key_mask) - 1`, 0 on leading padding."""
+    return jnp.clip(jnp.cumsum(key_mask.astype(jnp.int32), axis=1) - 1, 0)
 
 
 def shift_logits(logits: jax.Array) -> jax.Array:
