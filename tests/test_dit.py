@@ -343,6 +343,7 @@ def test_cached_block_sampling_equals_uncached_token_for_token():
     assert (int(nfe), int(twin_nfe)) == (9, 6)
 
 
+@pytest.mark.slow  # ~25 s on 2 cores; CI runs it with the slow tests
 def test_jitted_train_step_runs_with_arch_dit_for_mdlm_and_bd3():
     """One state (its init does not depend on the objective), trained one step with each objective in turn."""
     from dlmjax.config import replace

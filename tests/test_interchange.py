@@ -358,26 +358,4 @@ def test_denoiser_aligns_dream_logits_for_the_samplers():
     assert np.abs(got - want).max() <= TOL
 
 
-LLADA_CASES = [c for c in json.loads((GOLDEN / "tiny_llada" / "golden.json").read_text())["cases"]
-               if not c.get("torch_rng_dependent") and c["kwargs"].get("threshold", None) is None
-               and c["function"].endswith("::generate")]
-
-
-@pytest.mark.parametrize("case", LLADA_CASES, ids=[c["name"] for c in LLADA_CASES])
-def test_imported_llada_generates_the_reference_tokens(case):
-    """The imported tiny_llada checkpoint + dlmjax.generate reproduce LLaDA's `generate` (and Fast-dLLM's
-    uncached fixed-step `generate`) token for token with the same NFE: greedy, low-confidence, cfg 0 and 1."""
-    from dlmjax.models.transformer import Denoiser
-    from dlmjax.sampling import SamplerSettings, generate
-
-    cfg, params, _ = import_hf(GOLDEN / "tiny_llada", "llada")
-    k = case["kwargs"]
-    settings = SamplerSettings(gen_length=k["gen_length"], steps=k["steps"], block_length=k["block_length"],
-                               remasking=k["remasking"], temperature=k["temperature"],
-                               cfg_scale=float(k.get("cfg_scale") or 0.0), mask_id=cfg.diffusion.mask_id)
-    tokens, nfe = generate(Denoiser(cfg.model), params, np.asarray([case["prompt"]], np.int32), settings,
-                           jax.random.PRNGKey(0))
-    want = case["output_ids"]
-    want = want if isinstance(want[0], list) else [want]
-    assert np.asarray(tokens).tolist() == want
-    assert int(nfe) == case["nfe"]
+# LLaDA / Fast-dLLM / Dream generate parity on the imported golden checkpoints: tests/test_fast_sampler.py.

@@ -122,8 +122,6 @@ def generate(params, prompt_ids, settings: SamplerSettings, rng: jax.Array | Non
             if bad:
                 raise ValueError(f"{what} row {i}: token ids {bad[:5]} are outside [0, model.vocab_size={vocab})")
     pad = settings.pad_id if settings.pad_id is not None else (0 if settings.mask_id != 0 else 1)
-    width = bucket_width(max(len(r) for r in rows), bucket)
-    prompt, prompt_mask = _pack(rows, width, pad, left=True)
     kwargs = {}
     suffix_lengths = (0,) * len(rows)
     if suffix_ids is not None:
@@ -134,11 +132,17 @@ def generate(params, prompt_ids, settings: SamplerSettings, rng: jax.Array | Non
                                     left=False)
         kwargs = {"suffix": suffix, "suffix_mask": suffix_mask}
         suffix_lengths = tuple(len(r) for r in suffix_rows)
-    total = width + settings.gen_length + (kwargs["suffix"].shape[1] if kwargs else 0)
-    if total > settings.model.max_seq_len:
-        raise ValueError(f"prompt bucket ({width}) + gen_length ({settings.gen_length})"
-                         f"{' + suffix bucket' if kwargs else ''} = {total} slots exceed the model's context "
+    longest = max(len(r) for r in rows)
+    width = bucket_width(longest, bucket)
+    room = settings.model.max_seq_len - settings.gen_length - (kwargs["suffix"].shape[1] if kwargs else 0)
+    if width > room >= longest:
+        width = room  # near the end of the context the bucket shrinks to what fits
+    if longest > room:
+        suffix_note = f" + suffix bucket ({kwargs['suffix'].shape[1]})" if kwargs else ""
+        raise ValueError(f"the longest prompt ({longest} tokens) + gen_length ({settings.gen_length}){suffix_note} = "
+                         f"{longest + settings.model.max_seq_len - room} exceeds the model's context "
                          f"model.max_seq_len={settings.model.max_seq_len}")
+    prompt, prompt_mask = _pack(rows, width, pad, left=True)
     rng = jax.random.PRNGKey(0) if rng is None else rng
     tokens, nfe = generate_canvas(Denoiser(settings.model), params, prompt, settings, rng,
                                   prompt_mask=prompt_mask, **kwargs)
