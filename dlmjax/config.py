@@ -54,7 +54,7 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = "float32"  # activations; norms, RoPE and logits stay float32
     param_dtype: str = "float32"
-    attention_impl: str = "xla"
+    attention_impl: str = "xla"  # or "pallas" (kernels_pallas: Mosaic on TPU, Triton on GPU), "pallas_interpret"
     remat: bool = False
     scan_layers: bool = False
     qkv_bias: bool = False  # llada/dream: biases on the q/k/v projections (Dream/Qwen2: true)
@@ -70,7 +70,7 @@ class ModelConfig:
             raise ConfigError("model.qkv_bias=true applies to arch llada/dream; the DiT's attn_qkv has no bias")
         _check_choice(s, "dtype", self.dtype, {"float32", "bfloat16"})
         _check_choice(s, "param_dtype", self.param_dtype, {"float32", "bfloat16"})
-        _check_choice(s, "attention_impl", self.attention_impl, {"xla"})
+        _check_choice(s, "attention_impl", self.attention_impl, {"xla", "pallas", "pallas_interpret"})
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "max_seq_len"):
             _check_positive(s, name, getattr(self, name))
         _check_positive(s, "n_kv_heads", self.n_kv_heads, allow_zero=True)

@@ -81,7 +81,10 @@ class Bd3TrainingMask(MaskSpec):
         return bd3_allowed(q_idx, kv_idx, self.length, self.block_size)
 
 
-ATTENTION_IMPLS = ("xla",)
+# "xla": dense einsum + softmax. "pallas": `kernels_pallas.block_attention` with impl "auto" (the Mosaic kernel on
+# TPU, the Triton kernel on GPU, its blockwise XLA path on CPU). "pallas_interpret": the Pallas (Triton) kernel in
+# interpret mode, which runs anywhere; it is how the CPU test suite exercises the kernels inside the model.
+ATTENTION_IMPLS = ("xla", "pallas", "pallas_interpret")
 
 
 def attention(
@@ -101,12 +104,20 @@ def attention(
       mask: structural mask, evaluated from indices.
       key_mask: bool [B, Lk], False marks padding keys that no query may see.
       dense_mask: bool [B or 1, Lq, Lk], an arbitrary extra mask (ANDed with the others).
-      impl: "xla" (einsum + softmax in float32). Pallas kernels plug in here.
+      impl: one of ATTENTION_IMPLS (see there); "xla" is einsum + softmax in float32.
     Returns:
       [B, Lq, H, Dh] in q's dtype.
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl={impl!r} is not available; choose one of {ATTENTION_IMPLS}")
+    if impl != "xla" and dense_mask is None:
+        import kernels_pallas  # noqa: PLC0415 (standalone package; only needed when asked for)
+
+        interpret = impl == "pallas_interpret"
+        return kernels_pallas.attention_for_model(q, k, v, mask=mask, key_mask=key_mask,
+                                                  impl="triton" if interpret else "auto", interpret=interpret or None)
+    # With an arbitrary dense mask (the cached samplers' chunk masks) the kernels have no mask description to
+    # evaluate, so those calls take the dense path below whatever `impl` says.
     b, lq, h, dh = q.shape
     lk, hkv = k.shape[1], k.shape[2]
     if h % hkv:
@@ -134,10 +145,29 @@ def attend_with_cache(q, k, v, *, mask, key_mask, dense_mask, impl, cache_k=None
     Without `cache_k/v` it is `attention(q, k, v, ...)` and returns `(out, None)`. With them ([B, S, Hkv, Dh])
     the keys and values are `[all S cache slots ; this chunk]` (which cache slots are valid is in
     `dense_mask` [B, n, S + n]) and it returns `(out, (k, v))`, the chunk's K/V for the caller to write back.
+    The cache is never copied: scores against the cache and against the chunk are computed separately and share
+    one softmax (concatenating K/V would copy the whole cache in every layer of every sampling step).
     """
     if cache_k is None:
         return attention(q, k, v, mask=mask, key_mask=key_mask, dense_mask=dense_mask, impl=impl), None
-    keys = jnp.concatenate([cache_k, k.astype(cache_k.dtype)], axis=1)
-    values = jnp.concatenate([cache_v, v.astype(cache_v.dtype)], axis=1)
-    out = attention(q, keys, values, mask=mask, key_mask=key_mask, dense_mask=dense_mask, impl=impl)
-    return out, (k, v)
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl={impl!r} is not available; choose one of {ATTENTION_IMPLS}")
+    b, lq, h, dh = q.shape
+    slots, hkv = cache_k.shape[1], cache_k.shape[2]
+    qg = (q * (1.0 / np.sqrt(dh)).astype(q.dtype)).reshape(b, lq, hkv, h // hkv, dh)
+    k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
+    scores = jnp.concatenate([
+        jnp.einsum("bqhgd,bkhd->bhgqk", qg, cache_k, preferred_element_type=jnp.float32),
+        jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)], axis=-1)
+    allowed = jnp.ones((1, 1, 1, lq, slots + lq), bool)
+    if key_mask is not None:
+        allowed = allowed & jnp.concatenate([jnp.ones((b, slots), bool), key_mask], axis=1)[:, None, None, None, :]
+    if dense_mask is not None:
+        allowed = allowed & dense_mask[:, None, None]
+    if not isinstance(mask, FullMask):
+        raise ValueError(f"a cached attention call takes its structure from dense_mask; mask={mask!r}")
+    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = (jnp.einsum("bhgqk,bkhd->bqhgd", probs[..., :slots], cache_v, preferred_element_type=jnp.float32)
+           + jnp.einsum("bhgqk,bkhd->bqhgd", probs[..., slots:], v, preferred_element_type=jnp.float32))
+    return out.reshape(b, lq, h, dh).astype(q.dtype), (k, v)
