@@ -29,12 +29,12 @@ from dlmjax.train.step import as_batch, make_train_step  # noqa: E402
 def bench(cfg, steps: int) -> dict:
     mesh = make_mesh(cfg.mesh)
     tx = make_optimizer(cfg.optim, max(steps, 2))
-    state, shardings = init_train_state(cfg.model, tx, 0, mesh)
-    bsh = batch_sharding(mesh)
+    state, shardings = init_train_state(cfg.model, tx, 0, mesh, cfg.mesh.rules)
+    bsh = batch_sharding(mesh, cfg.mesh.rules)
     it = iter(load_data(cfg)[0])
     batches = [jax.device_put(as_batch(next(it)), bsh) for _ in range(steps)]
     t0 = time.perf_counter()
-    step = make_train_step(tx, cfg.model, cfg.diffusion, shardings, bsh).lower(state, batches[0]).compile()
+    step = make_train_step(tx, cfg.model, cfg.diffusion, shardings, bsh, cfg.mesh.rules).lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t0
     state, m = step(state, batches[0])  # warm-up
     jax.block_until_ready(m)

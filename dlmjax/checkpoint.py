@@ -295,7 +295,7 @@ def load(path: str | Path, step: int | None = None):
     def restore(s):
         cfg = ckpt.restore_config(s)
         tx = make_optimizer(cfg.optim, cfg.train.steps)
-        like_state, shardings = abstract_train_state(cfg.model, tx, mesh)
+        like_state, shardings = abstract_train_state(cfg.model, tx, mesh, cfg.mesh.rules)
         return cfg, ckpt.restore_state(s, like_state, shardings).params
 
     try:

@@ -1,6 +1,7 @@
-"""The `dlmjax` command line: train, sample, eval, convert, forward.
+"""The `dlmjax` command line: train, plan, sample, eval, convert, forward.
 
     dlmjax train --config configs/demo.yaml [--workdir DIR] [section.key=value ...]
+    dlmjax plan --config configs/llada_8b.yaml [--devices 256] [--platform tpu|gpu|cpu] [section.key=value ...]
     dlmjax sample --checkpoint DIR --prompt TEXT [--gen-length N --steps S ...]
     dlmjax eval --checkpoint DIR [section.key=value ...]
     dlmjax convert --from-hf HF_DIR --arch llada|dream|mdlm|bd3lm --out CKPT
@@ -34,6 +35,15 @@ def cmd_train(args) -> int:
     result = train_and_evaluate(cfg, workdir, log=lambda s: print(s, file=sys.stderr))
     print_json(result)
     return exit_status(result)  # 143 if stopped by SIGTERM: rerun to resume
+
+
+def cmd_plan(args) -> int:
+    from dlmjax.train.plan import format_plan, make_plan
+
+    cfg = load_config(args.config, args.overrides)
+    hbm = None if args.hbm_gib is None else int(args.hbm_gib * 2 ** 30)
+    print(format_plan(make_plan(cfg, args.devices, args.platform, hbm), cfg, args.platform))
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -185,6 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--workdir", help="where checkpoints, TensorBoard events and metrics.jsonl go")
     t.add_argument("overrides", nargs="*", help="section.key=value")
     t.set_defaults(fn=cmd_train)
+
+    pl = sub.add_parser("plan", help="bytes per device of a run on N (fake) devices: parameters, optimizer "
+                        "state, activations; a table and one JSON line, nothing allocated")
+    pl.add_argument("--config", required=True, help="YAML file under configs/")
+    pl.add_argument("--devices", type=int, default=8, help="number of devices of the mesh (default 8)")
+    pl.add_argument("--platform", choices=["tpu", "gpu", "cpu"], default="tpu",
+                    help="sets the memory budget per device: tpu 16 GiB (v5e), gpu 80 GiB (H100), cpu none")
+    pl.add_argument("--hbm-gib", type=float, help="memory per device in GiB (overrides --platform's budget)")
+    pl.add_argument("overrides", nargs="*", help="section.key=value (e.g. mesh.fsdp=16 mesh.data=-1)")
+    pl.set_defaults(fn=cmd_plan)
 
     s = sub.add_parser("sample", help="generate from a checkpoint with the jitted sampler")
     s.add_argument("--checkpoint", required=True, help="a training workdir or its checkpoints/ folder")

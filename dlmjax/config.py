@@ -251,13 +251,99 @@ class SampleConfig:
         _check_positive("sample", "batch_size", self.batch_size)
 
 
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# A rules table: (logical axis name, mesh axis | tuple of mesh axes | None) pairs, at most one per name.
+LogicalRules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+# The default `mesh.rules`. Batch is split over data and fsdp (FSDP shards the batch too); weights are sharded
+# over fsdp along their model dimension and over tensor along heads / mlp / vocab. An array may use each mesh
+# axis once: a later name that asks for an axis already taken in the same array stays unsharded (so `embed` of
+# the [batch, length, embed] activations is not split, fsdp being taken by `batch`).
+LOGICAL_RULES: LogicalRules = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("norm", None),
+    ("layers", None),
+    # DiT (arch dit): the time-conditioning width (and the output of sigma_map's C x C layer: one array may not
+    # name an axis twice), the sinusoidal time features, the adaLN modulation outputs (6D per block) and
+    # attn_qkv's q/k/v axis. Replicated: the conditioning path is small (C x 6D per block) and the modulation is
+    # split into six D-chunks right away; q/k/v are split by `heads` instead.
+    ("cond", None),
+    ("cond_out", None),
+    ("time_freq", None),
+    ("modulation", None),
+    ("qkv", None),
+)
+LOGICAL_AXES = tuple(name for name, _ in LOGICAL_RULES)  # every logical name the models use
+
+
+def normalize_rules(raw: Any) -> LogicalRules:
+    """YAML/JSON rules -> a validated LogicalRules tuple.
+
+    Accepts a list of [name, axes] pairs (as written in YAML, or read back from config.json) or a mapping
+    {name: axes}; axes is a mesh axis name, a list of them, or null (replicated). Raises a ConfigError naming
+    the entry for unknown logical names, unknown mesh axes, an axis used twice in one entry, and a logical
+    name listed twice (Flax would silently use the first entry and ignore the second).
+    """
+    if isinstance(raw, dict):
+        raw = list(raw.items())
+    if not isinstance(raw, (list, tuple)):
+        raise ConfigError(f"mesh.rules={raw!r} must be a list of [logical name, mesh axes] pairs")
+    out, seen = [], {}
+    for i, entry in enumerate(raw):
+        where = f"mesh.rules[{i}]={_plain(entry)!r}"
+        if not isinstance(entry, (list, tuple)) or len(entry) != 2 or not isinstance(entry[0], str):
+            raise ConfigError(f"{where} must be a pair [logical name, mesh axis | [mesh axes] | null]")
+        name, axes = entry
+        if name not in LOGICAL_AXES:
+            raise ConfigError(f"{where}: unknown logical axis {name!r}; the models use {list(LOGICAL_AXES)}")
+        if name in seen:
+            raise ConfigError(f"{where}: logical axis {name!r} is already mapped by mesh.rules[{seen[name]}]; "
+                              f"list each logical axis once")
+        seen[name] = i
+        if isinstance(axes, (list, tuple)):
+            axes = tuple(axes)
+            if len(axes) == 1:
+                axes = axes[0]
+            elif not axes:
+                axes = None
+        names = axes if isinstance(axes, tuple) else () if axes is None else (axes,)
+        for a in names:
+            if a not in MESH_AXES:
+                raise ConfigError(f"{where}: unknown mesh axis {a!r}; mesh axes are {list(MESH_AXES)} "
+                                  f"(or null for replicated)")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}: a mesh axis appears twice in one entry")
+        out.append((name, axes))
+    return tuple(out)
+
+
+def _plain(x):
+    """Tuples as lists, so error messages quote entries the way they are written in YAML."""
+    return [_plain(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
 @dataclass(frozen=True, kw_only=True)
 class MeshConfig:
-    """Device mesh sizes along (data, fsdp, tensor); one of them may be -1 to take the remaining devices."""
+    """Device mesh sizes along (data, fsdp, tensor); one of them may be -1 to take the remaining devices.
+
+    rules: the logical-axis rules table (see `LOGICAL_RULES`, the default), as YAML pairs:
+    `rules: [[batch, [data, fsdp]], [embed, fsdp], [vocab, null], ...]`. A given table replaces the default
+    as a whole; logical names it leaves out are replicated. Parameters, optimizer state, activation constraints
+    and batches are all placed by this one table.
+    """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    rules: LogicalRules = LOGICAL_RULES
 
     def __post_init__(self):
         sizes = (self.data, self.fsdp, self.tensor)
@@ -266,6 +352,7 @@ class MeshConfig:
         for name, s in zip(("data", "fsdp", "tensor"), sizes):
             if s == 0 or s < -1:
                 raise ConfigError(f"mesh.{name}={s} must be a positive size or -1")
+        object.__setattr__(self, "rules", normalize_rules(self.rules))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -331,6 +418,8 @@ def _coerce(section: str, key: str, value: Any, typ: Any):
     elif typ is str:
         if isinstance(value, str):
             return value
+    elif typ == LogicalRules:
+        return value  # validated and normalised by MeshConfig
     else:
         raise ConfigError(f"{where}: unsupported field type {typ}")
     raise ConfigError(f"{where}={value!r} has type {type(value).__name__}; expected {typ.__name__}")

@@ -99,10 +99,11 @@ def _flat(tree) -> dict:
     return traverse_util.flatten_dict(dict(tree)) if tree else {}
 
 
-def place_params(params: dict, model_cfg: ModelConfig, mesh=None) -> dict:
+def place_params(params: dict, model_cfg: ModelConfig, mesh=None, rules=None) -> dict:
     """Check `params` (host arrays, dlmjax layout) against the model and put each one, cast to
-    `model.param_dtype`, straight into its sharding on `mesh` (default: the config's mesh over all devices),
-    one tensor at a time: the host never holds a second copy of the model."""
+    `model.param_dtype`, straight into its sharding on `mesh` (default: the config's mesh over all devices)
+    under the logical-axis `rules` (default: `dlmjax.sharding.LOGICAL_RULES`), one tensor at a time: the host
+    never holds a second copy of the model."""
     import flax.linen as nn  # noqa: PLC0415
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
@@ -110,12 +111,14 @@ def place_params(params: dict, model_cfg: ModelConfig, mesh=None) -> dict:
 
     from dlmjax.config import MeshConfig  # noqa: PLC0415
     from dlmjax.models.transformer import build_model  # noqa: PLC0415
-    from dlmjax.sharding import logical_to_sharding, make_mesh  # noqa: PLC0415
+    from dlmjax.sharding import LOGICAL_RULES, logical_to_sharding, make_mesh  # noqa: PLC0415
 
     boxed = jax.eval_shape(lambda: build_model(model_cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
     mesh = mesh if mesh is not None else make_mesh(MeshConfig())
-    shardings = _flat(logical_to_sharding(nn.get_partition_spec(boxed)["params"], mesh))
-    like = _flat(nn.unbox(boxed["params"]))
+    like = nn.unbox(boxed["params"])
+    shardings = _flat(logical_to_sharding(nn.get_partition_spec(boxed)["params"], mesh,
+                                          LOGICAL_RULES if rules is None else rules, shapes=like))
+    like = _flat(like)
     got = _flat(params)
     missing = sorted("/".join(k) for k in like.keys() - got.keys())
     extra = sorted("/".join(k) for k in got.keys() - like.keys())

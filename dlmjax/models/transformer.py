@@ -7,7 +7,7 @@ shift, the forward returns raw logits).
 Pure Flax Linen: `Transformer(config).init(...)` gives an explicit parameter pytree and `.apply(...)` is a
 pure function of it. Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`,
 `mlp`, `norm`, `layers`) and activations are constrained to (`batch`, `length`, `embed` ...); one rules
-table (`dlmjax.sharding.LOGICAL_RULES`) maps them onto the device mesh.
+table (`mesh.rules`, default `dlmjax.sharding.LOGICAL_RULES`) maps them onto the device mesh.
 
 Parameter names follow the released LLaDA checkpoints (`wte`, `attn_norm`, `q_proj`, ..., `ff_out`, `ln_f`)
 so that checkpoint interchange is a rename and a transpose.

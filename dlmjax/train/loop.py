@@ -21,10 +21,17 @@ Resume and preemption guarantees:
   see an unfinished run and restart it instead of counting it as done. A finished run returns
   `"preempted": False` and exits 0. Multi-process runs are not coordinated here: every process must get the
   signal before the same step boundary (use orbax/JAX preemption sync points for multi-host jobs).
+
+Multi-process jobs (`dlmjax.distributed.maybe_initialize`, called first): every process runs this same loop on
+the global mesh. Each reads the same global batch from the deterministic pipeline and hands over only the rows
+its devices hold (`global_batch`); all processes write the checkpoint through orbax (one state, one data-iterator
+position per process); only process 0 logs, prints the result and writes `metrics.jsonl`/TensorBoard.
+Evaluation runs in every process on a host copy of the parameters.
 """
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -33,17 +40,19 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import jax
+import numpy as np
 from tqdm.auto import tqdm
 
+from dlmjax import distributed
 from dlmjax.checkpoint import Checkpointer
 from dlmjax.config import Config
 from dlmjax.data.pipeline import build_data, make_eval_batches
 from dlmjax.data.tasks import heldout
 from dlmjax.evaluate import heldout_nelbo, task_exact_match
 from dlmjax.models.transformer import count_params
-from dlmjax.sharding import batch_sharding, make_mesh
+from dlmjax.sharding import batch_sharding, make_mesh, replicated_report
 from dlmjax.train.metrics import MetricsWriter
-from dlmjax.train.state import init_train_state, make_optimizer
+from dlmjax.train.state import init_train_state, make_optimizer, param_specs
 from dlmjax.train.step import as_batch, make_eval_step, make_train_step
 
 
@@ -103,19 +112,28 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, *, log=print, show_exam
     """Train (or resume) the run in `workdir`, then evaluate; returns the final metrics.
 
     On SIGTERM returns early with `"preempted": True` after committing a checkpoint (see the module doc).
+    In a multi-process job (`dlmjax.distributed`) every process calls this; only process 0 logs.
     """
+    distributed.maybe_initialize()  # before the first device use: joins the job the environment describes
+    if jax.process_index() != 0:
+        log = _silent  # errors still raise in every process
     with _sigterm_flag() as preempt:
         return _train_and_evaluate(cfg, Path(workdir), preempt, log=log, show_examples=show_examples)
 
 
 def _train_and_evaluate(cfg: Config, workdir: Path, preempt: threading.Event, *, log, show_examples) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(cfg.to_json())
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(cfg.to_json())
     mesh = make_mesh(cfg.mesh)
     data = load_data(cfg)
     train_ds = data[0]
     tx = make_optimizer(cfg.optim, cfg.train.steps)
-    state, shardings = init_train_state(cfg.model, tx, cfg.train.seed, mesh)
+    rules = cfg.mesh.rules
+    state, shardings = init_train_state(cfg.model, tx, cfg.train.seed, mesh, rules)
+    abstract_params, logical = param_specs(cfg.model)
+    for entry in replicated_report(abstract_params, shardings.params, mesh, logical_specs=logical, rules=rules):
+        log(str(entry))  # one line per parameter every device holds in full although it should not
     train_iter = iter(train_ds)
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
     restored, restored_state = ckpt.restore_latest(state, shardings, data_iter=train_iter)
@@ -126,24 +144,25 @@ def _train_and_evaluate(cfg: Config, workdir: Path, preempt: threading.Event, *,
     last_saved = restored
     log(f"model: {count_params(state.params) / 1e6:.2f}M parameters; mesh: {dict(mesh.shape)}")
 
-    bsh = batch_sharding(mesh)
-    step_fn = make_train_step(tx, cfg.model, cfg.diffusion, shardings, bsh)
+    bsh = batch_sharding(mesh, rules)
+    step_fn = make_train_step(tx, cfg.model, cfg.diffusion, shardings, bsh, rules)
     eval_step = make_eval_step(cfg.model, cfg.diffusion)
-    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, resume_step=start)
+    writer = _metrics_writer(workdir, start)
     if writer.dropped:
         log(f"metrics.jsonl: dropped {writer.dropped} records of steps after {start} (recomputed by this run)")
     tokens_per_step = cfg.data.batch_size * cfg.data.seq_len
 
     t0 = time.perf_counter()
     pending = None  # (step, metrics on device) of the previous step, read after the next one is dispatched
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=not cfg.train.progress, dynamic_ncols=True,
+    bar = tqdm(total=cfg.train.steps, initial=start, dynamic_ncols=True,
+               disable=not cfg.train.progress or jax.process_index() != 0,
                file=sys.stderr, desc="train")
     compiled = None
     done = start  # steps completed; the data iterator has yielded exactly the batches of steps < done
     for step in range(start, cfg.train.steps):
         if preempt.is_set():
             break
-        batch = jax.device_put(as_batch(next(train_iter)), bsh)
+        batch = global_batch(next(train_iter), bsh)
         if compiled is None:  # compile once, before timing starts
             compiled = step_fn.lower(state, batch).compile()
             t0 = time.perf_counter()
@@ -158,8 +177,8 @@ def _train_and_evaluate(cfg: Config, workdir: Path, preempt: threading.Event, *,
             ckpt.save(done, state, data_iter=train_iter, config=cfg)
             last_saved = done
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < cfg.train.steps:
-            ev = evaluate(cfg, state.params, data=data, eval_step=eval_step, n_batches=cfg.train.eval_batches,
-                          exact_match=False)
+            ev = evaluate(cfg, _local_params(state.params), data=data, eval_step=eval_step,
+                          n_batches=cfg.train.eval_batches, exact_match=False)
             writer.write(done, {k: v for k, v in ev.items() if k != "eval_tokens"}, prefix="eval")
     if pending is not None:
         _report(writer, bar, *pending, t0=t0, start=start, tokens_per_step=tokens_per_step, log_every=1)
@@ -177,13 +196,63 @@ def _train_and_evaluate(cfg: Config, workdir: Path, preempt: threading.Event, *,
         return {"step": int(done), "preempted": True, "train_seconds": round(train_seconds, 2)}
 
     t1 = time.perf_counter()
-    result = evaluate(cfg, state.params, data=data, eval_step=eval_step, show_examples=show_examples, log=log)
+    result = evaluate(cfg, _local_params(state.params), data=data, eval_step=eval_step,
+                      show_examples=show_examples, log=log)
     result.update(step=int(cfg.train.steps), train_seconds=round(train_seconds, 2),
                   eval_seconds=round(time.perf_counter() - t1, 2), preempted=False)
     writer.write(cfg.train.steps, {k: v for k, v in result.items() if isinstance(v, (int, float))
                                    and not isinstance(v, bool) and k != "step"}, prefix="final")
     writer.close()
     return result
+
+
+def _silent(message: str) -> None:
+    pass
+
+
+DEBUG_PROCESS_METRICS = "DLMJAX_DEBUG_PROCESS_METRICS"
+
+
+def _metrics_writer(workdir: Path, start: int) -> MetricsWriter:
+    """Process 0 writes `metrics.jsonl` and TensorBoard; the others nothing, unless DLMJAX_DEBUG_PROCESS_METRICS=1
+    (then process p writes its own copy under `workdir/process<p>/`, to check that every process agrees)."""
+    p = jax.process_index()
+    if p and os.environ.get(DEBUG_PROCESS_METRICS, "") not in ("", "0"):
+        return MetricsWriter(workdir / f"process{p}", enabled=True, resume_step=start)
+    return MetricsWriter(workdir, enabled=p == 0, resume_step=start)
+
+
+def process_rows(sharding, shape: tuple[int, ...]) -> np.ndarray:
+    """Indices of the global batch rows held by this process's devices, in the order
+    `jax.make_array_from_process_local_data` expects them (ascending; rows replicated on several local devices once)."""
+    starts = sorted({(idx[0].start or 0, shape[0] if idx[0].stop is None else idx[0].stop)
+                     for idx in sharding.addressable_devices_indices_map(shape).values()})
+    return np.concatenate([np.arange(a, b) for a, b in starts])
+
+
+def global_batch(batch: dict, sharding) -> dict:
+    """The step's `[batch, length]` arrays from the host batch every process reads.
+
+    With several processes each one reads the same global batch from the deterministic pipeline and hands
+    over only the rows its devices hold (disjoint across data-parallel processes): one global array whose
+    rows are the single-process batch's rows, so a multi-process run sees the same data as a single process.
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(as_batch(batch), sharding)
+    rows = process_rows(sharding, np.shape(batch["tokens"]))
+    host = {"tokens": np.asarray(batch["tokens"], np.int32), "prompt_mask": np.asarray(batch["prompt_mask"], bool),
+            "valid_mask": np.asarray(batch["valid_mask"], bool)}
+    return {k: jax.make_array_from_process_local_data(sharding, v[rows], v.shape) for k, v in host.items()}
+
+
+def _local_params(params):
+    """Parameters usable by this process's evaluation and sampler alone (a full host copy when they span
+    several processes). Every process evaluates the same held-out set; only process 0 reports it."""
+    if jax.process_count() == 1:
+        return params
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(params, tiled=True)
 
 
 def _report(writer, bar, step, metrics, *, t0, start, tokens_per_step, log_every):
@@ -196,6 +265,8 @@ def _report(writer, bar, step, metrics, *, t0, start, tokens_per_step, log_every
 
 
 def print_json(result: dict) -> None:
+    if jax.process_count() > 1 and jax.process_index() != 0:
+        return  # one result line per job, from process 0
     print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()}), flush=True)
 
 

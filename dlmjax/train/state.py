@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from dlmjax.config import ModelConfig, OptimConfig
+from dlmjax.config import LogicalRules, ModelConfig, OptimConfig
 from dlmjax.models.transformer import build_model
-from dlmjax.sharding import logical_to_sharding
+from dlmjax.sharding import LOGICAL_RULES, logical_to_sharding
 
 
 @flax.struct.dataclass
@@ -64,22 +64,29 @@ def _init_variables(model_cfg: ModelConfig, rng: jax.Array):
     return build_model(model_cfg).init(rng, tokens)
 
 
-def state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh):
+def param_specs(model_cfg: ModelConfig):
+    """(ShapeDtypeStruct tree of the parameters, their logical PartitionSpecs); allocates nothing."""
+    boxed = jax.eval_shape(functools.partial(_init_variables, model_cfg), jax.random.PRNGKey(0))
+    return nn.unbox(boxed)["params"], nn.get_partition_spec(boxed)["params"]
+
+
+def state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                    rules: LogicalRules = LOGICAL_RULES):
     """NamedShardings for every leaf of the TrainState, derived from the parameters' logical axis names.
 
     Optimizer moments follow their parameter; scalars (Adam's count, the step) are replicated. Building the
     optimizer specs with `optax.tree_map_params` keeps scalars off a single device (a plain `tx.init` on
-    sharded params would leave them there and clash with `out_shardings`).
+    sharded params would leave them there and clash with `out_shardings`). `mesh` may be an `AbstractMesh`
+    (`dlmjax plan`). Dimensions the rules cannot split evenly fall back (see `dlmjax.sharding.resolve_spec`).
     """
-    boxed = jax.eval_shape(functools.partial(_init_variables, model_cfg), jax.random.PRNGKey(0))
-    param_specs = nn.get_partition_spec(boxed)["params"]
-    abstract_params = nn.unbox(boxed)["params"]
+    abstract_params, logical = param_specs(model_cfg)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     is_spec = lambda x: isinstance(x, P)  # noqa: E731
-    opt_specs = optax.tree_map_params(tx, lambda _, spec: spec, abstract_opt, param_specs,
+    opt_specs = optax.tree_map_params(tx, lambda _, spec: spec, abstract_opt, logical,
                                       transform_non_params=lambda _: P(), is_leaf=is_spec)
-    specs = TrainState(step=P(), params=param_specs, opt_state=opt_specs, rng=P())
-    return logical_to_sharding(specs, mesh)
+    specs = TrainState(step=P(), params=logical, opt_state=opt_specs, rng=P())
+    like = jax.eval_shape(_init_state_fn(model_cfg, tx), jax.random.PRNGKey(0))
+    return logical_to_sharding(specs, mesh, rules, shapes=like)
 
 
 def _init_state_fn(model_cfg: ModelConfig, tx: optax.GradientTransformation):
@@ -91,15 +98,17 @@ def _init_state_fn(model_cfg: ModelConfig, tx: optax.GradientTransformation):
     return init
 
 
-def init_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, mesh: Mesh):
+def init_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, mesh: Mesh,
+                     rules: LogicalRules = LOGICAL_RULES):
     """A fresh TrainState created directly in its shardings (no full copy on one device first)."""
-    shardings = state_shardings(model_cfg, tx, mesh)
+    shardings = state_shardings(model_cfg, tx, mesh, rules)
     state = jax.jit(_init_state_fn(model_cfg, tx), out_shardings=shardings)(jax.random.PRNGKey(seed))
     return state, shardings
 
 
-def abstract_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh):
+def abstract_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,
+                         rules: LogicalRules = LOGICAL_RULES):
     """(ShapeDtypeStruct tree of the TrainState, its shardings): a restore target that allocates nothing."""
-    shardings = state_shardings(model_cfg, tx, mesh)
+    shardings = state_shardings(model_cfg, tx, mesh, rules)
     like = jax.eval_shape(_init_state_fn(model_cfg, tx), jax.random.PRNGKey(0))
     return like, shardings

@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dlmjax.config import DiffusionConfig, ModelConfig
+from dlmjax.config import DiffusionConfig, LogicalRules, ModelConfig
+from dlmjax.sharding import activation_rules
 from dlmjax.train.objective import diffusion_loss, nelbo_sums
 from dlmjax.train.state import TrainState
 
@@ -28,9 +29,21 @@ def train_step(state: TrainState, batch, *, tx: optax.GradientTransformation, mo
     return new_state, metrics
 
 
-def make_train_step(tx, model_cfg: ModelConfig, diff_cfg: DiffusionConfig, state_shardings, batch_sharding):
-    """Compile-ready train step with the state donated and shardings fixed."""
+def make_train_step(tx, model_cfg: ModelConfig, diff_cfg: DiffusionConfig, state_shardings, batch_sharding,
+                    rules: LogicalRules | None = None):
+    """Compile-ready train step with the state donated and shardings fixed.
+
+    With `rules` (the config's `mesh.rules`), the model's activation constraints (`nn.with_logical_constraint`)
+    place activations on `batch_sharding.mesh` by those rules; without, they are left to XLA's propagation.
+    """
     fn = functools.partial(train_step, tx=tx, model_cfg=model_cfg, diff_cfg=diff_cfg)
+    if rules is not None:
+        inner = fn
+
+        def fn(state, batch):
+            with activation_rules(batch_sharding.mesh, rules):
+                return inner(state, batch)
+
     return jax.jit(fn, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
                    donate_argnums=0)
 
