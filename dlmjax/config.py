@@ -128,7 +128,14 @@ class DiffusionConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    """Where the tokens come from: a built-in procedurally generated task or local text files."""
+    """Where the tokens come from.
+
+    kind: `task` (a built-in generated task), `text` (local text files wrapped into rows, `text_path`), `corpus`
+    (documents read per process from `path` in `format`, tokenized with `tokenizer` and packed with segment ids,
+    see `dlmjax.data.sharded`) or `sft` (`format=jsonl` records with `prompt_field` / `response_field`).
+    format: text | jsonl | parquet | array_record (`record_type`: text, or int32 `tokens` for array_record).
+    tokenizer: `byte`, a Hugging Face `tokenizer.json` path or a SentencePiece `.model` path.
+    """
 
     kind: str = "task"
     task: str = "addition"
@@ -136,6 +143,14 @@ class DataConfig:
     pad_answer: bool = False  # addition: zero-pad answers to digits + 1 characters
     min_digits: int = 0  # addition curriculum: train on operands of min_digits..digits digits (0: off)
     text_path: str = ""  # a file, a folder or a glob, for kind=text
+    path: str = ""  # a file, a folder or a glob, for kind=corpus|sft
+    format: str = "text"  # kind=corpus|sft: text | jsonl | parquet | array_record
+    text_field: str = "text"  # jsonl field / parquet column holding a document
+    prompt_field: str = "prompt"  # kind=sft
+    response_field: str = "response"  # kind=sft
+    record_type: str = "text"  # array_record records: text (UTF-8) or tokens (int32 ids)
+    tokenizer: str = "byte"  # byte | path/to/tokenizer.json | path/to/spm.model
+    packing: str = "wrap"  # kind=corpus: wrap (cut documents at row ends) | fit (never cut one that fits a row)
     seq_len: int = 16
     batch_size: int = 128
     eval_size: int = 500
@@ -147,10 +162,28 @@ class DataConfig:
         return {}
 
     def __post_init__(self):
-        _check_choice("data", "kind", self.kind, {"task", "text"})
+        _check_choice("data", "kind", self.kind, {"task", "text", "corpus", "sft"})
         _check_choice("data", "task", self.task, {"addition", "sudoku"})
+        _check_choice("data", "format", self.format, {"text", "jsonl", "parquet", "array_record"})
+        _check_choice("data", "record_type", self.record_type, {"text", "tokens"})
+        _check_choice("data", "packing", self.packing, {"wrap", "fit"})
         if self.kind == "text" and not self.text_path:
             raise ConfigError("data.text_path is empty; data.kind=text needs a file, folder or glob")
+        if self.kind in ("corpus", "sft") and not self.path:
+            raise ConfigError(f"data.path is empty; data.kind={self.kind} needs a file, folder or glob")
+        if self.kind == "sft" and self.format != "jsonl":
+            raise ConfigError(f"data.format={self.format!r} is not allowed with data.kind=sft; choose one of ['jsonl']")
+        if self.record_type == "tokens" and self.format != "array_record":
+            raise ConfigError(f"data.record_type='tokens' needs data.format=array_record, not {self.format!r}")
+        if self.tokenizer != "byte" and not self.tokenizer.endswith((".json", ".model")):
+            raise ConfigError(f"data.tokenizer={self.tokenizer!r} is not allowed; choose 'byte', a tokenizer.json "
+                              "path or a SentencePiece .model path")
+        if self.tokenizer != "byte" and self.kind not in ("corpus", "sft"):
+            raise ConfigError(f"data.tokenizer={self.tokenizer!r} is not allowed with data.kind={self.kind} (task rows "
+                              "are one byte per character, text rows are byte-level); use data.kind=corpus or sft")
+        for name in ("text_field", "prompt_field", "response_field"):
+            if not getattr(self, name):
+                raise ConfigError(f"data.{name} is empty; name the field / column to read")
         for name in ("digits", "seq_len", "batch_size", "eval_size"):
             _check_positive("data", name, getattr(self, name))
 
@@ -380,8 +413,9 @@ class Config:
             if self.data.seq_len < min_seq_len(task):
                 raise ConfigError(f"data.seq_len={self.data.seq_len} is too short for data.task={self.data.task}: "
                                   f"rows need at least {min_seq_len(task)} tokens")
-        if d.objective == "llada_sft" and self.data.kind != "task":
-            raise ConfigError("diffusion.objective=llada_sft needs prompts: use data.kind=task, or objective llada/mdlm")
+        if d.objective == "llada_sft" and self.data.kind not in ("task", "sft"):
+            raise ConfigError("diffusion.objective=llada_sft needs prompts: use data.kind=task or sft, or objective "
+                              "llada/mdlm")
         if d.objective == "mdlm" and d.schedule == "llada":
             raise ConfigError("diffusion.objective=mdlm needs an alpha(t) schedule: linear, loglinear or cosine")
         if d.block_size and self.data.seq_len % d.block_size:

@@ -1,4 +1,5 @@
-"""Multi-process training: `dlmjax.distributed` reading the environment, and a 2-process job on this machine.
+"""Multi-process training: `dlmjax.distributed` reading the environment, and 2-process jobs on this machine
+(the demo task, whose global batch each process slices, and a packed corpus that each process reads in part).
 
 The end-to-end test (slow: ~2-3 minutes on 2 busy cores) starts two `dlmjax train` processes that talk through
 gloo CPU collectives, trains 4 steps, restarts both and resumes to step 6, and compares with an uninterrupted
@@ -8,9 +9,11 @@ those equal (to float32 rounding) one process training on 2 devices.
 """
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -109,9 +112,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(workdir: Path, steps: int, n: int = 2) -> list[subprocess.Popen]:
+def _start(workdir: Path, steps: int, n: int = 2, extra: tuple[str, ...] = ()) -> list[subprocess.Popen]:
     """Start `dlmjax train` as the `n` processes of one job, one CPU device each (n=0: one process, not a
-    distributed job, with 2 devices)."""
+    distributed job, with 2 devices); `extra` config overrides go last."""
     port = _free_port()
     procs = []
     for i in range(max(n, 1)):
@@ -121,7 +124,7 @@ def _start(workdir: Path, steps: int, n: int = 2) -> list[subprocess.Popen]:
             env.update(DLMJAX_COORDINATOR=f"127.0.0.1:{port}", DLMJAX_NUM_PROCESSES=str(n),
                        DLMJAX_PROCESS_ID=str(i), DLMJAX_DEBUG_PROCESS_METRICS="1")
         cmd = ["nice", "-n", "19", sys.executable, "-m", "dlmjax", "train", "--config",
-               str(ROOT / "configs/demo.yaml"), "--workdir", str(workdir), *TINY, f"train.steps={steps}"]
+               str(ROOT / "configs/demo.yaml"), "--workdir", str(workdir), *TINY, f"train.steps={steps}", *extra]
         procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
     return procs
@@ -144,8 +147,8 @@ def _finish(procs: list[subprocess.Popen]) -> list[subprocess.CompletedProcess]:
     return results
 
 
-def _job(workdir: Path, steps: int) -> list[subprocess.CompletedProcess]:
-    return _finish(_start(workdir, steps))
+def _job(workdir: Path, steps: int, extra: tuple[str, ...] = ()) -> list[subprocess.CompletedProcess]:
+    return _finish(_start(workdir, steps, extra=extra))
 
 
 def _losses(path: Path) -> dict[int, float]:
@@ -187,6 +190,84 @@ def test_two_processes_train_resume_and_match_an_uninterrupted_run(tmp_path):
     single = _losses(tmp_path / "single" / "metrics.jsonl")
     assert list(single) == list(reference)
     np.testing.assert_allclose(list(reference.values()), list(single.values()), rtol=1e-5)
+
+
+def _final(path: Path) -> dict:
+    return next(r for r in map(json.loads, path.read_text().splitlines()) if r["split"] == "final")
+
+
+@pytest.mark.slow
+def test_two_processes_train_on_a_packed_corpus_and_resume(tmp_path):
+    """The demo model on a packed corpus (data.kind=corpus): each process packs its own half of the documents
+    into BD3 rows with segment ids; the job trains, checkpoints (state + one grain position per process),
+    restarts and resumes; both processes agree on every loss and on the held-out NELBO pooled over both shards,
+    and the resumed losses equal an uninterrupted run's."""
+    paragraphs = [p.strip() for p in (ROOT / "README.md").read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs), encoding="utf-8")
+    extra = ("data.kind=corpus", f"data.path={corpus}", "data.format=jsonl", "data.seq_len=64",
+             "model.max_seq_len=64", "diffusion.objective=bd3", "diffusion.block_size=8", "data.eval_size=16")
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    first = _job(run, 4, extra)
+    assert sorted(_losses(run / "metrics.jsonl")) == [1, 2, 3, 4]
+    assert _losses(run / "metrics.jsonl") == _losses(run / "process1" / "metrics.jsonl")
+    # the pooled held-out NELBO: the same number on both processes, over more tokens than one process holds
+    final = [_final(run / "metrics.jsonl"), _final(run / "process1" / "metrics.jsonl")]
+    assert final[0]["nelbo_per_token"] == final[1]["nelbo_per_token"] and np.isfinite(final[0]["nelbo_per_token"])
+    assert final[0]["eval_tokens"] == final[1]["eval_tokens"] > 0
+
+    resumed = _job(run, 6, extra)
+    assert "resumed from step 4" in resumed[0].stderr
+    for step in ("2", "4", "6"):
+        assert sorted(p.name for p in (run / "checkpoints" / step / "data").glob("process_*")) == [
+            "process_0-of-2.json", "process_1-of-2.json"]
+    losses = _losses(run / "metrics.jsonl")
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6] and losses == _losses(run / "process1" / "metrics.jsonl")
+    _job(ref, 6, extra)
+    assert losses == _losses(ref / "metrics.jsonl")  # bitwise: resume replays the same packed batches and noise
+    assert first[0].stdout and '"preempted": false' in resumed[0].stdout
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_every_process_at_the_same_step(tmp_path):
+    """A preemption notice reaching only process 1: JAX's preemption service propagates it, both processes stop
+    at one agreed step, save it and exit 143; rerunning resumes and matches an uninterrupted run bitwise."""
+    run, ref = tmp_path / "run", tmp_path / "ref"
+    procs = _start(run, 3000)
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and len(_train_lines(run / "metrics.jsonl")) < 3:
+            assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)  # only process 1 is told
+        outs = [p.communicate(timeout=TIMEOUT) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [143, 143], [o[1][-2000:] for o in outs]
+    stopped = json.loads(outs[0][0].strip().splitlines()[-1])
+    assert stopped["preempted"] is True and 3 <= stopped["step"] < 3000
+    assert f"preempted (SIGTERM) at step {stopped['step']}" in outs[0][1]
+    steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps[-1] == stopped["step"]  # the agreed step, saved once by both processes
+    assert sorted(p.name for p in (run / "checkpoints" / str(steps[-1]) / "data").glob("process_*")) == [
+        "process_0-of-2.json", "process_1-of-2.json"]
+    assert _losses(run / "metrics.jsonl") == _losses(run / "process1" / "metrics.jsonl")
+
+    total = stopped["step"] + 2
+    resumed = _job(run, total)
+    assert f"resumed from step {stopped['step']}" in resumed[0].stderr
+    _job(ref, total)
+    assert _losses(run / "metrics.jsonl") == _losses(ref / "metrics.jsonl")
+    assert sorted(_losses(run / "metrics.jsonl")) == list(range(1, total + 1))
+
+
+def _train_lines(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    return [line for line in path.read_text().splitlines() if '"split": "train"' in line]
 
 
 SCRIPT_IDEMPOTENT = """

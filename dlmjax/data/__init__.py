@@ -5,9 +5,12 @@
              and their SFT rows `[BOS] prompt answer [EOS]...`.
   text       local *.txt/*.md files packed MDLM-style into `[BOS] chunk [EOS]` rows.
   pipeline   grain sources, the resumable train stream, padded eval batches, and `build_data`.
+  formats    corpus files (text, JSON lines, Parquet, ArrayRecord) as numbered records; per-process shards.
+  packing    documents packed into rows with `segment_ids` / `positions` (diffusion-block aligned); SFT rows.
+  sharded    per-process pipelines for `kind=corpus` / `kind=sft` and the global batch assembly.
 
 Every record and batch is a dict: `tokens` int32, `prompt_mask` bool, `valid_mask` bool, shaped
-`[L]` (record) or `[B, L]` (batch).
+`[L]` (record) or `[B, L]` (batch). Packed rows add `segment_ids` int32 (0 on padding) and `positions` int32.
 """
 from dlmjax.data.pipeline import (
     RowSource,
@@ -30,12 +33,29 @@ from dlmjax.data.tasks import (
     problem_from_record,
 )
 from dlmjax.data.text import TextCorpus, pack_rows, read_documents, resolve_text_files, text_record
-from dlmjax.data.tokenizer import BOS_ID, EOS_ID, MASK_ID, PAD_ID, VOCAB_SIZE, ByteTokenizer
+from dlmjax.data.formats import FORMATS, CorpusIndex, resolve_files, shard_range
+from dlmjax.data.packing import pack_documents, sft_row, sft_rows
+from dlmjax.data.sharded import ProcessShard, assemble_global_batch, build_sharded_data
+from dlmjax.data.tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    MASK_ID,
+    PAD_ID,
+    VOCAB_SIZE,
+    ByteTokenizer,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    check_model_vocab,
+    load_tokenizer,
+)
 
 __all__ = [
     "AdditionTask", "BOS_ID", "ByteTokenizer", "EOS_ID", "MASK_ID", "PAD_ID", "Problem", "RowSource",
     "SudokuTask", "Task", "TaskSource", "TextCorpus", "VOCAB_SIZE", "build_data", "encode_problem",
     "get_task", "heldout", "in_eval_split", "make_eval_batches", "make_train_dataset", "min_seq_len",
     "pack_rows", "padding_record", "problem_from_record", "read_documents", "resolve_text_files",
-    "text_record",
+    "text_record", "FORMATS", "CorpusIndex", "HFTokenizer", "ProcessShard", "SentencePieceTokenizer", "Tokenizer",
+    "assemble_global_batch", "build_sharded_data", "check_model_vocab", "load_tokenizer", "pack_documents",
+    "resolve_files", "sft_row", "sft_rows", "shard_range",
 ]

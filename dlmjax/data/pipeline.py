@@ -126,7 +126,10 @@ def make_eval_batches(records: Sequence[Record], batch_size: int) -> list[Record
         raise ValueError(f"batch_size={batch_size} must be >= 1")
     records = list(records)
     short = -len(records) % batch_size
-    records += [padding_record(len(records[0]["tokens"]))] * short
+    pad = padding_record(len(records[0]["tokens"]))
+    # Packed rows carry segment_ids / positions too: pad them with zeros (padding's segment and position).
+    pad.update({k: np.zeros_like(v) for k, v in records[0].items() if k not in pad})
+    records += [pad] * short
     return [{key: np.stack([r[key] for r in records[i: i + batch_size]]) for key in records[0]}
             for i in range(0, len(records), batch_size)]
 

@@ -1,4 +1,12 @@
-"""A byte-level tokenizer: UTF-8 bytes plus four special ids.
+"""Tokenizers behind one small interface: the byte-level default, Hugging Face `tokenizer.json`, SentencePiece.
+
+Every tokenizer has `encode(text, *, bos, eos) -> list[int]`, `encode_array(text) -> int32 [n]`,
+`decode(ids, *, stop_at_eos)`, `vocab_size` (its own ids), `pad_id`, `bos_id`, `eos_id`, `mask_id` and
+`model_vocab_size` (the embedding rows a model needs). The mask id rule (as MDLM): a tokenizer that has a mask
+token uses it; one that has none gets `mask_id = vocab_size` and the model vocabulary grows by one
+(`model_vocab_size = vocab_size + 1`). `load_tokenizer(spec)` picks one from `data.tokenizer`.
+
+The byte-level tokenizer: UTF-8 bytes plus four special ids.
 
 Bytes need no vocabulary file, cover every language, and keep the toy tasks' layout exact (one
 character of a task prompt is one token), which is what a small diffusion model needs to be tested
@@ -12,8 +20,9 @@ on arithmetic and Sudoku. The special ids sit above the 256 byte values:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
-from typing import ClassVar
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import ClassVar, Protocol
 
 import numpy as np
 
@@ -38,6 +47,8 @@ class ByteTokenizer:
     eos_id: ClassVar[int] = EOS_ID
     mask_id: ClassVar[int] = MASK_ID
     vocab_size: ClassVar[int] = VOCAB_SIZE
+    model_vocab_size: ClassVar[int] = VOCAB_SIZE  # the mask id is already inside the vocabulary
+    name: ClassVar[str] = "byte"
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
         """Token ids of `text`: its UTF-8 bytes, optionally framed by BOS and EOS."""
@@ -54,6 +65,10 @@ class ByteTokenizer:
         A fast path for corpora: a Python list per byte costs ~50x more than a view of the bytes.
         """
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
+
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """`encode_array` of each text."""
+        return [self.encode_array(t) for t in texts]
 
     def decode(self, ids: Iterable[int] | np.ndarray, *, stop_at_eos: bool = True) -> str:
         """Text of a 1-D id sequence (list, numpy or jax array of shape [n]).
@@ -76,3 +91,168 @@ class ByteTokenizer:
                 flat = flat[: eos_at[0]]
         data = flat[flat < NUM_BYTES].astype(np.uint8).tobytes()
         return data.decode("utf-8", errors="replace")
+
+
+class Tokenizer(Protocol):
+    """What the data pipelines and samplers need from a tokenizer (see the module docstring)."""
+
+    name: str
+    vocab_size: int
+    model_vocab_size: int
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    mask_id: int
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]: ...
+    def encode_array(self, text: str) -> np.ndarray: ...
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]: ...
+    def decode(self, ids, *, stop_at_eos: bool = True) -> str: ...
+
+
+# Spellings of special tokens in common tokenizer.json files, most specific first.
+_HF_SPECIALS = {
+    "bos": ("<|begin_of_text|>", "<|startoftext|>", "<s>", "<bos>", "[CLS]", "<|im_start|>"),
+    "eos": ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "[SEP]", "<|eot_id|>", "<|im_end|>"),
+    "pad": ("<pad>", "[PAD]", "<|pad|>", "<|padding|>"),
+    "mask": ("<|mdm_mask|>", "<|mask|>", "<mask>", "[MASK]"),
+}
+
+
+class _SubwordTokenizer:
+    """Shared special-id handling of the file-based tokenizers; subclasses provide `_encode` / `_decode`."""
+
+    name: str
+
+    def __init__(self, vocab_size: int, *, bos_id: int, eos_id: int, pad_id: int | None, mask_id: int | None):
+        self.vocab_size = vocab_size
+        self.bos_id, self.eos_id = bos_id, eos_id
+        # No pad token: padding slots are never attended to or scored, so EOS serves (as GPT-2 and LLaDA SFT do).
+        self.pad_id = eos_id if pad_id is None else pad_id
+        self.mask_id = vocab_size if mask_id is None else mask_id
+        self.model_vocab_size = max(vocab_size, self.mask_id + 1)
+        self._specials = np.array(sorted({self.bos_id, self.eos_id, self.pad_id, self.mask_id}), dtype=np.int64)
+
+    def _encode(self, text: str) -> list[int]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _decode(self, ids: list[int]) -> str:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of `text` (no specials added by the tokenizer itself), optionally framed by BOS and EOS."""
+        return [self.bos_id] * bos + self._encode(text) + [self.eos_id] * eos
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """int32 [n] ids of `text`, without specials."""
+        return np.asarray(self._encode(text), dtype=np.int32)
+
+    def encode_arrays(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """`encode_array` of each text, on all cores (both libraries encode a batch in native threads)."""
+        return [np.asarray(ids, dtype=np.int32) for ids in self._encode_batch(list(texts))]
+
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self._encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int] | np.ndarray, *, stop_at_eos: bool = True) -> str:
+        """Text of a 1-D id sequence; special ids dropped, and everything from the first EOS with `stop_at_eos`."""
+        flat = np.asarray(ids).astype(np.int64)
+        if flat.ndim != 1:
+            raise ValueError(f"decode expects a 1-D sequence of ids, got shape {flat.shape}; decode rows one at a time")
+        bad = flat[(flat < 0) | (flat >= self.model_vocab_size)]
+        if bad.size:
+            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {self.model_vocab_size})")
+        if stop_at_eos:
+            eos_at = np.flatnonzero(flat == self.eos_id)
+            if eos_at.size:
+                flat = flat[: eos_at[0]]
+        return self._decode([int(i) for i in flat[~np.isin(flat, self._specials)]])
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.name!r}, vocab_size={self.vocab_size}, bos={self.bos_id}, "
+                f"eos={self.eos_id}, pad={self.pad_id}, mask={self.mask_id})")
+
+
+class HFTokenizer(_SubwordTokenizer):
+    """A Hugging Face `tokenizer.json` (any model the `tokenizers` package reads: BPE, WordPiece, Unigram).
+
+    Special tokens are found by their usual spellings (`_HF_SPECIALS`): EOS is required; a missing BOS is EOS
+    (GPT-2 style), a missing PAD is EOS, a missing mask token is `vocab_size` (see the module docstring).
+    """
+
+    def __init__(self, path: str | Path):
+        import tokenizers  # noqa: PLC0415 (optional dependency, only for tokenizer.json files)
+
+        self.name = str(path)
+        self._tok = tokenizers.Tokenizer.from_file(str(path))
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        found = {role: next((vocab[t] for t in names if t in vocab), None) for role, names in _HF_SPECIALS.items()}
+        if found["eos"] is None:
+            raise ValueError(f"tokenizer {str(path)!r} has no end-of-sequence token; add one of "
+                             f"{list(_HF_SPECIALS['eos'])} to it (documents are separated by EOS)")
+        bos = found["eos"] if found["bos"] is None else found["bos"]
+        super().__init__(self._tok.get_vocab_size(with_added_tokens=True), bos_id=bos, eos_id=found["eos"],
+                         pad_id=found["pad"], mask_id=found["mask"])
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=False)
+
+
+class SentencePieceTokenizer(_SubwordTokenizer):
+    """A SentencePiece `.model` file. BOS/EOS/PAD come from the model (`bos_id()`...; a disabled PAD is EOS);
+    the mask token is a `<mask>` piece if the model defines one, else `vocab_size`."""
+
+    def __init__(self, path: str | Path):
+        import sentencepiece  # noqa: PLC0415 (optional dependency, only for .model files)
+
+        self.name = str(path)
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        sp = self._sp
+        if sp.eos_id() < 0 or sp.bos_id() < 0:
+            raise ValueError(f"sentencepiece model {str(path)!r} has bos_id={sp.bos_id()}, eos_id={sp.eos_id()}; "
+                             "train it with bos_id and eos_id >= 0 (the pipelines frame documents with them)")
+        mask = sp.piece_to_id("<mask>")
+        mask = None if mask == sp.unk_id() else mask
+        super().__init__(sp.get_piece_size(), bos_id=sp.bos_id(), eos_id=sp.eos_id(),
+                         pad_id=sp.pad_id() if sp.pad_id() >= 0 else None, mask_id=mask)
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self._sp.encode(text, out_type=int))
+
+    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._sp.encode(texts, out_type=int, num_threads=-1)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._sp.decode(ids)
+
+
+TOKENIZER_KINDS = ("byte", "a path to tokenizer.json (Hugging Face)", "a path to a SentencePiece .model")
+
+
+def load_tokenizer(spec: str = "byte") -> Tokenizer:
+    """`data.tokenizer` -> a tokenizer: "byte", a `*.json` file (Hugging Face) or a `*.model` file (SentencePiece)."""
+    if spec in ("", "byte"):
+        return ByteTokenizer()
+    path = Path(spec).expanduser()
+    if path.suffix not in (".json", ".model"):
+        raise ValueError(f"data.tokenizer={spec!r} is not allowed; use one of: {'; '.join(TOKENIZER_KINDS)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"data.tokenizer={spec!r}: no such file")
+    return HFTokenizer(path) if path.suffix == ".json" else SentencePieceTokenizer(path)
+
+
+def check_model_vocab(tokenizer: Tokenizer, *, vocab_size: int, mask_id: int) -> None:
+    """Raise a ValueError naming `model.vocab_size` / `diffusion.mask_id` when they disagree with `tokenizer`."""
+    if vocab_size < tokenizer.model_vocab_size:
+        raise ValueError(f"model.vocab_size={vocab_size} is too small for data.tokenizer={tokenizer.name!r}: "
+                         f"set model.vocab_size={tokenizer.model_vocab_size} (its ids and the mask id)")
+    if mask_id != tokenizer.mask_id:
+        raise ValueError(f"diffusion.mask_id={mask_id} is not the mask id of data.tokenizer={tokenizer.name!r}: "
+                         f"set diffusion.mask_id={tokenizer.mask_id}")
+

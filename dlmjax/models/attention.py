@@ -95,6 +95,7 @@ def attention(
     mask: MaskSpec = FullMask(),
     key_mask: jax.Array | None = None,
     dense_mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
     impl: str = "xla",
 ) -> jax.Array:
     """Scaled dot-product attention with grouped-query heads.
@@ -104,6 +105,7 @@ def attention(
       mask: structural mask, evaluated from indices.
       key_mask: bool [B, Lk], False marks padding keys that no query may see.
       dense_mask: bool [B or 1, Lq, Lk], an arbitrary extra mask (ANDed with the others).
+      segment_ids: int [B, L] (needs Lq == Lk), packed documents: a query sees only keys of its own segment.
       impl: one of ATTENTION_IMPLS (see there); "xla" is einsum + softmax in float32.
     Returns:
       [B, Lq, H, Dh] in q's dtype.
@@ -114,6 +116,11 @@ def attention(
         import kernels_pallas  # noqa: PLC0415 (standalone package; only needed when asked for)
 
         interpret = impl == "pallas_interpret"
+        if segment_ids is not None:
+            return kernels_pallas.block_attention(
+                q, k, v, mask=kernels_pallas.as_mask(mask), segment_ids=segment_ids,
+                key_mask=None if key_mask is None else key_mask.astype(bool),
+                impl="triton" if interpret else "auto", interpret=interpret or None)
         return kernels_pallas.attention_for_model(q, k, v, mask=mask, key_mask=key_mask,
                                                   impl="triton" if interpret else "auto", interpret=interpret or None)
     # With an arbitrary dense mask (the cached samplers' chunk masks) the kernels have no mask description to
@@ -132,6 +139,10 @@ def attention(
         allowed = allowed & key_mask[:, None, None, None, :]
     if dense_mask is not None:
         allowed = allowed & dense_mask[:, None, None]
+    if segment_ids is not None:
+        if lq != lk or segment_ids.shape != (b, lq):
+            raise ValueError(f"segment_ids {segment_ids.shape} must be [B, L] = {(b, lq)} with Lq == Lk (got Lk={lk})")
+        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None, None]
     # A large finite negative keeps fully-masked rows (padding queries) finite instead of NaN.
     scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
@@ -139,7 +150,7 @@ def attention(
     return out.reshape(b, lq, h, dh).astype(q.dtype)
 
 
-def attend_with_cache(q, k, v, *, mask, key_mask, dense_mask, impl, cache_k=None, cache_v=None):
+def attend_with_cache(q, k, v, *, mask, key_mask, dense_mask, impl, cache_k=None, cache_v=None, segment_ids=None):
     """Attention of a chunk, optionally after a KV-cache prefix; shared by every block that supports a cache.
 
     Without `cache_k/v` it is `attention(q, k, v, ...)` and returns `(out, None)`. With them ([B, S, Hkv, Dh])
@@ -149,7 +160,10 @@ def attend_with_cache(q, k, v, *, mask, key_mask, dense_mask, impl, cache_k=None
     one softmax (concatenating K/V would copy the whole cache in every layer of every sampling step).
     """
     if cache_k is None:
-        return attention(q, k, v, mask=mask, key_mask=key_mask, dense_mask=dense_mask, impl=impl), None
+        return attention(q, k, v, mask=mask, key_mask=key_mask, dense_mask=dense_mask, segment_ids=segment_ids,
+                         impl=impl), None
+    if segment_ids is not None:
+        raise ValueError("segment_ids (packed training rows) cannot be combined with a KV cache")
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl={impl!r} is not available; choose one of {ATTENTION_IMPLS}")
     b, lq, h, dh = q.shape

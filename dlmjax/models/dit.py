@@ -173,7 +173,7 @@ class DiTBlock(nn.Module):
     mask: MaskSpec = FullMask()
 
     @nn.compact
-    def __call__(self, x, c, cos, sin, key_mask, dense_mask, cache_k=None, cache_v=None):
+    def __call__(self, x, c, cos, sin, key_mask, dense_mask, cache_k=None, cache_v=None, segment_ids=None):
         """x float32 [B, n, D], c [B, C] or None -> (x, None), or with `cache_k/v` -> (x, (k, v) of the chunk)."""
         cfg = self.config
         dtype, pdt = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
@@ -193,7 +193,8 @@ class DiTBlock(nn.Module):
         q = nn.with_logical_constraint(apply_rotary(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(apply_rotary(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         a, chunk_kv = attend_with_cache(q, k, v, mask=self.mask, key_mask=key_mask, dense_mask=dense_mask,
-                                        impl=cfg.attention_impl, cache_k=cache_k, cache_v=cache_v)
+                                        impl=cfg.attention_impl, cache_k=cache_k, cache_v=cache_v,
+                                        segment_ids=segment_ids)
         a = Dense(d, ("heads", "embed"), cfg.init_std, dtype, pdt, name="attn_out")(a.reshape(b, length, -1))
         # The residual stream stays float32 (the reference adds bf16 branches to its float32 embedding stream).
         x = x + (gate_msa * a if cfg.adaln else a).astype(jnp.float32)
@@ -238,10 +239,10 @@ class DiT(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, *, positions=None, key_mask=None, dense_mask=None, cache=None, update_cache=False,
-                 sigma=None):
+                 sigma=None, segment_ids=None):
         """
         Args:
-          tokens, positions, key_mask, dense_mask, cache, update_cache: as `Transformer.__call__`.
+          tokens, positions, key_mask, dense_mask, cache, update_cache, segment_ids: as `Transformer.__call__`.
           sigma: float[B] noise level fed to the adaLN conditioning, used as given; None means zeros, which is
             what the reference feeds when time conditioning is off. A `time_conditioning=True` model refuses None
             (outside initialisation) rather than silently conditioning on 0.
@@ -254,6 +255,8 @@ class DiT(nn.Module):
         b, length = tokens.shape
         if cache is not None or update_cache:
             _check_cached_call(self.mask, cfg, cache, positions, b, length, update_cache)
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed training rows) cannot be combined with a KV cache")
 
         x = Embedding(cfg.vocab_size, cfg.d_model, cfg.init_std, pdt, name="vocab_embed")(tokens)
         x = nn.with_logical_constraint(x, BATCH_LENGTH_EMBED)
@@ -278,7 +281,8 @@ class DiT(nn.Module):
         block_cls = nn.remat(DiTBlock) if cfg.remat else DiTBlock
         if cache is None:
             for i in range(cfg.n_layers):
-                x, _ = block_cls(cfg, self.mask, name=f"blocks_{i}")(x, c, cos, sin, key_mask, dense_mask)
+                x, _ = block_cls(cfg, self.mask, name=f"blocks_{i}")(x, c, cos, sin, key_mask, dense_mask, None, None,
+                                                                     segment_ids)
         else:
             cached_mask = _cached_attention_mask(cache, key_mask, dense_mask, b, length)
             chunk_kv = []

@@ -40,7 +40,7 @@ class Block(nn.Module):
     mask: MaskSpec = FullMask()
 
     @nn.compact
-    def __call__(self, x, cos, sin, key_mask, dense_mask, cache_k=None, cache_v=None):
+    def __call__(self, x, cos, sin, key_mask, dense_mask, cache_k=None, cache_v=None, segment_ids=None):
         """x [B, n, D] -> (x, None), or with `cache_k/v` [B, S, Hkv, Dh] -> (x, (k, v) of the chunk [B, n, Hkv, Dh])."""
         cfg = self.config
         dtype, pdt = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
@@ -60,7 +60,8 @@ class Block(nn.Module):
         q = nn.with_logical_constraint(apply_rotary(q, cos, sin), ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(apply_rotary(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         a, chunk_kv = attend_with_cache(q, k, v, mask=self.mask, key_mask=key_mask, dense_mask=dense_mask,
-                                        impl=cfg.attention_impl, cache_k=cache_k, cache_v=cache_v)
+                                        impl=cfg.attention_impl, cache_k=cache_k, cache_v=cache_v,
+                                        segment_ids=segment_ids)
         a = proj("attn_out", cfg.d_model, ("heads", "embed"), out_std)(a.reshape(b, length, -1))
         x = nn.with_logical_constraint(x + a.astype(x.dtype), BATCH_LENGTH_EMBED)
 
@@ -81,7 +82,8 @@ class Transformer(nn.Module):
     mask: MaskSpec = FullMask()
 
     @nn.compact
-    def __call__(self, tokens, *, positions=None, key_mask=None, dense_mask=None, cache=None, update_cache=False):
+    def __call__(self, tokens, *, positions=None, key_mask=None, dense_mask=None, cache=None, update_cache=False,
+                 segment_ids=None):
         """
         Args:
           tokens: int32 [B, L].
@@ -95,6 +97,9 @@ class Transformer(nn.Module):
           update_cache: with `cache`, write this chunk's K/V and key_mask at `[index, index + L)` and advance
             `index` by L. The caller keeps `index + L <= S` (the sampler checks it statically): like every
             `dynamic_update_slice`, an out-of-range write would be clamped, not refused.
+          segment_ids: int [B, L], packed rows (`dlmjax.data.packing`): a token attends only to tokens of its own
+            segment (ANDed into the mask; passed to the kernels on the pallas path). Pass the per-document
+            `positions` with it. Uncached calls only.
         Returns:
           logits float32 [B, L, V]; with `cache`, the pair (logits, cache).
         """
@@ -103,6 +108,8 @@ class Transformer(nn.Module):
         b, length = tokens.shape
         if cache is not None or update_cache:
             _check_cached_call(self.mask, cfg, cache, positions, b, length, update_cache)
+            if segment_ids is not None:
+                raise ValueError("segment_ids (packed training rows) cannot be combined with a KV cache")
         wte = self.param("wte", nn.with_logical_partitioning(dense_init(cfg.init_std), ("vocab", "embed")),
                          (cfg.vocab_size, cfg.d_model), pdt)
         x = jnp.take(wte, tokens, axis=0).astype(dtype)
@@ -128,7 +135,7 @@ class Transformer(nn.Module):
             stack = nn.scan(block_cls, variable_axes={"params": 0, "intermediates": 0},
                             split_rngs={"params": True}, in_axes=nn.broadcast, length=cfg.n_layers,
                             metadata_params={nn.PARTITION_NAME: "layers"})
-            x, _ = stack(cfg, self.mask, name="blocks")(x, cos, sin, key_mask, dense_mask)
+            x, _ = stack(cfg, self.mask, name="blocks")(x, cos, sin, key_mask, dense_mask, None, None, segment_ids)
         elif cfg.scan_layers:
             # Same stacked params; the cache's leading "layers" axis is scanned alongside them.
             stack = nn.scan(block_cls, variable_axes={"params": 0, "intermediates": 0},
@@ -139,7 +146,8 @@ class Transformer(nn.Module):
                 x, cos, sin, None, cached_mask, cache["k"], cache["v"])
         elif cache is None:
             for i in range(cfg.n_layers):
-                x, _ = block_cls(cfg, self.mask, name=f"blocks_{i}")(x, cos, sin, key_mask, dense_mask)
+                x, _ = block_cls(cfg, self.mask, name=f"blocks_{i}")(x, cos, sin, key_mask, dense_mask, None, None,
+                                                                     segment_ids)
         else:
             chunk_kv = []
             for i in range(cfg.n_layers):

@@ -19,18 +19,26 @@ Resume and preemption guarantees:
   return. `dlmjax train` then exits with `PREEMPTED_EXIT_STATUS` (143 = 128 + SIGTERM, what a process killed
   by SIGTERM reports), so schedulers and retry loops (`until dlmjax train ...; do :; done`, Kubernetes Jobs)
   see an unfinished run and restart it instead of counting it as done. A finished run returns
-  `"preempted": False` and exits 0. Multi-process runs are not coordinated here: every process must get the
-  signal before the same step boundary (use orbax/JAX preemption sync points for multi-host jobs).
+  `"preempted": False` and exits 0.
+* SIGTERM in a multi-process job: the signals reach the hosts at different moments (or only some hosts), so a
+  per-process flag would make processes stop at different steps and hang in the checkpoint's collectives.
+  There the loop asks JAX's preemption service instead (`multihost_utils.reached_preemption_sync_point`, whose
+  C++ SIGTERM handler `jax.distributed.initialize` installs; no Python handler is set): a notice on any host
+  is propagated to all, they agree on one step a little later, and every process stops, saves and returns
+  `preempted` at that same step. The per-step check is a local read, not a collective.
 
 Multi-process jobs (`dlmjax.distributed.maybe_initialize`, called first): every process runs this same loop on
 the global mesh. Each reads the same global batch from the deterministic pipeline and hands over only the rows
 its devices hold (`global_batch`); all processes write the checkpoint through orbax (one state, one data-iterator
 position per process); only process 0 logs, prints the result and writes `metrics.jsonl`/TensorBoard.
-Evaluation runs in every process on a host copy of the parameters.
+Evaluation runs in every process on a host copy of the parameters. With `data.kind` corpus or sft each process
+instead reads and packs its own documents (`dlmjax.data.sharded`), hands over its own `[batch / processes, L]`
+rows, and the held-out NELBO is pooled over the processes' eval rows.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -41,13 +49,16 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from dlmjax import distributed
 from dlmjax.checkpoint import Checkpointer
-from dlmjax.config import Config
+from dlmjax.config import Config, ConfigError
 from dlmjax.data.pipeline import build_data, make_eval_batches
+from dlmjax.data.sharded import SHARDED_KINDS, assemble_global_batch, build_sharded_data
 from dlmjax.data.tasks import heldout
+from dlmjax.data.tokenizer import check_model_vocab, load_tokenizer
 from dlmjax.evaluate import heldout_nelbo, task_exact_match
 from dlmjax.models.transformer import count_params
 from dlmjax.sharding import batch_sharding, make_mesh, replicated_report
@@ -58,6 +69,17 @@ from dlmjax.train.step import as_batch, make_eval_step, make_train_step
 
 def load_data(cfg: Config):
     d = cfg.data
+    if d.kind in SHARDED_KINDS:  # each process reads its own documents (dlmjax.data.sharded)
+        tokenizer = load_tokenizer(d.tokenizer)
+        try:
+            check_model_vocab(tokenizer, vocab_size=cfg.model.vocab_size, mask_id=cfg.diffusion.mask_id)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        return build_sharded_data(kind=d.kind, path=d.path, fmt=d.format, tokenizer=tokenizer, seq_len=d.seq_len,
+                                  batch_size=d.batch_size, seed=d.seed, block_size=cfg.diffusion.block_size,
+                                  text_field=d.text_field, prompt_field=d.prompt_field,
+                                  response_field=d.response_field, record_type=d.record_type, eval_size=d.eval_size,
+                                  packing=d.packing)
     if d.kind == "task":
         return build_data(kind="task", task=d.task, task_kwargs=d.task_kwargs(), seq_len=d.seq_len,
                           batch_size=d.batch_size, seed=d.seed, eval_size=d.eval_size)
@@ -75,6 +97,8 @@ def evaluate(cfg: Config, params, *, data=None, eval_step=None, n_batches=None, 
         batches = batches[:n_batches]
     rng = jax.random.PRNGKey(cfg.train.seed + 1)
     result = heldout_nelbo(eval_step, params, batches, rng)
+    if cfg.data.kind in SHARDED_KINDS and jax.process_count() > 1:
+        result = _pooled_over_processes(result)  # each process held out its own rows: report all of them
     if task is not None and exact_match:
         problems = heldout(task, cfg.data.eval_size, cfg.data.seed)
         em, preds = task_exact_match(cfg, params, task, problems, tokenizer, jax.random.fold_in(rng, 7),
@@ -86,6 +110,16 @@ def evaluate(cfg: Config, params, *, data=None, eval_step=None, n_batches=None, 
     return result
 
 
+def _pooled_over_processes(result: dict) -> dict:
+    """The held-out NELBO over every process's eval rows: a token-weighted mean of the per-process means (one
+    collective; every process calls it, with eval batch counts that may differ)."""
+    nelbos = np.asarray(multihost_utils.process_allgather(np.float32(result["nelbo_per_token"])), np.float64)
+    counts = np.asarray(multihost_utils.process_allgather(np.int32(result["eval_tokens"])), np.int64)
+    count = int(counts.sum())
+    nelbo = float((nelbos * counts).sum() / max(count, 1))
+    return {**result, "nelbo_per_token": nelbo, "ppl": math.exp(min(nelbo, 50.0)), "eval_tokens": count}
+
+
 PREEMPTED_EXIT_STATUS = 143  # 128 + SIGTERM: `dlmjax train` exits with this after a SIGTERM-triggered stop
 
 
@@ -95,10 +129,11 @@ def exit_status(result: dict) -> int:
 
 
 @contextmanager
-def _sigterm_flag():
-    """A `threading.Event` set by SIGTERM while inside the block (main thread only; otherwise never set)."""
+def _sigterm_flag(install: bool = True):
+    """A `threading.Event` set by SIGTERM while inside the block (main thread only, and only with `install`;
+    otherwise never set by a signal)."""
     flag = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
+    if not install or threading.current_thread() is not threading.main_thread():
         yield flag
         return
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: flag.set())
@@ -117,7 +152,8 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, *, log=print, show_exam
     distributed.maybe_initialize()  # before the first device use: joins the job the environment describes
     if jax.process_index() != 0:
         log = _silent  # errors still raise in every process
-    with _sigterm_flag() as preempt:
+    # Multi-process: JAX's preemption service owns SIGTERM (see the module doc); a Python handler would replace it.
+    with _sigterm_flag(install=jax.process_count() == 1) as preempt:
         return _train_and_evaluate(cfg, Path(workdir), preempt, log=log, show_examples=show_examples)
 
 
@@ -158,16 +194,19 @@ def _train_and_evaluate(cfg: Config, workdir: Path, preempt: threading.Event, *,
                disable=not cfg.train.progress or jax.process_index() != 0,
                file=sys.stderr, desc="train")
     compiled = None
+    multi_process = jax.process_count() > 1
     done = start  # steps completed; the data iterator has yielded exactly the batches of steps < done
     for step in range(start, cfg.train.steps):
         if preempt.is_set():
             break
-        batch = global_batch(next(train_iter), bsh)
+        batch = global_batch(next(train_iter), bsh, per_process=cfg.data.kind in SHARDED_KINDS)
         if compiled is None:  # compile once, before timing starts
             compiled = step_fn.lower(state, batch).compile()
             t0 = time.perf_counter()
         state, metrics = compiled(state, batch)
         done = step + 1
+        if multi_process and multihost_utils.reached_preemption_sync_point(done):
+            preempt.set()  # every process reaches this at the same `done`: all stop and save this step
         if pending is not None:
             _report(writer, bar, *pending, t0=t0, start=start, tokens_per_step=tokens_per_step,
                     log_every=cfg.train.log_every)
@@ -230,28 +269,31 @@ def process_rows(sharding, shape: tuple[int, ...]) -> np.ndarray:
     return np.concatenate([np.arange(a, b) for a, b in starts])
 
 
-def global_batch(batch: dict, sharding) -> dict:
+def global_batch(batch: dict, sharding, *, per_process: bool = False) -> dict:
     """The step's `[batch, length]` arrays from the host batch every process reads.
 
     With several processes each one reads the same global batch from the deterministic pipeline and hands
     over only the rows its devices hold (disjoint across data-parallel processes): one global array whose
     rows are the single-process batch's rows, so a multi-process run sees the same data as a single process.
+    With `per_process` (data.kind corpus/sft) `batch` is already this process's own rows (`dlmjax.data.sharded`).
     """
     if jax.process_count() == 1:
         return jax.device_put(as_batch(batch), sharding)
-    rows = process_rows(sharding, np.shape(batch["tokens"]))
     host = {"tokens": np.asarray(batch["tokens"], np.int32), "prompt_mask": np.asarray(batch["prompt_mask"], bool),
             "valid_mask": np.asarray(batch["valid_mask"], bool)}
+    host.update({k: np.asarray(batch[k], np.int32) for k in ("segment_ids", "positions") if k in batch})
+    if per_process:
+        return assemble_global_batch(host, sharding)
+    rows = process_rows(sharding, np.shape(batch["tokens"]))
     return {k: jax.make_array_from_process_local_data(sharding, v[rows], v.shape) for k, v in host.items()}
 
 
 def _local_params(params):
     """Parameters usable by this process's evaluation and sampler alone (a full host copy when they span
-    several processes). Every process evaluates the same held-out set; only process 0 reports it."""
+    several processes). Every process evaluates its held-out rows (the same for tasks and text; its own shard's
+    for corpus/sft, pooled by `_pooled_over_processes`); only process 0 reports."""
     if jax.process_count() == 1:
         return params
-    from jax.experimental import multihost_utils
-
     return multihost_utils.process_allgather(params, tiled=True)
 
 

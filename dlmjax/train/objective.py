@@ -1,7 +1,9 @@
 """Training objectives and the held-out NELBO, as pure functions of (params, batch, rng).
 
 A batch is a dict of arrays `[B, L]`: `tokens` int32 (x_0), `prompt_mask` bool (slots that are never noised),
-`valid_mask` bool (False on padding: never noised, never attended to, never scored).
+`valid_mask` bool (False on padding: never noised, never attended to, never scored). Packed rows
+(`dlmjax.data.packing`) also carry `segment_ids` int32 and `positions` int32 `[B, L]`: attention stays inside a
+document and rotary positions restart at 0 per document.
 """
 from __future__ import annotations
 
@@ -28,6 +30,11 @@ def _protected(batch, cfg: DiffusionConfig):
     if cfg.objective in ("llada_sft", "masked_ce", "bd3"):  # a prompt is clean context, never a target
         protect = protect | batch["prompt_mask"]
     return protect
+
+
+def _packing_kwargs(batch) -> dict:
+    """`segment_ids` / `positions` model arguments of a packed batch ({} for unpacked batches)."""
+    return {key: batch[key] for key in ("segment_ids", "positions") if key in batch}
 
 
 def _metrics(loss, logits, x0, is_masked):
@@ -61,8 +68,14 @@ def bd3_loss_terms(params, batch, t, u, *, model_cfg: ModelConfig, diff_cfg: Dif
     protect = _protected(batch, diff_cfg)
     xt, is_masked = forward.forward_sample(x0, t, u, diff_cfg.mask_id, protect=protect, inclusive=True)
     tokens, positions, key_mask = block.two_stream_inputs(xt, x0, batch["valid_mask"])
+    packing = {}
+    if "positions" in batch:  # packed rows: per-document positions, the same on both halves
+        positions = jnp.tile(batch["positions"].astype(jnp.int32), (1, 2))
+    if "segment_ids" in batch:  # blocks never straddle documents, so BD3's block rule composes with segments
+        packing["segment_ids"] = jnp.tile(batch["segment_ids"], (1, 2))
     model = build_model(model_cfg, Bd3TrainingMask(length, block_size))
-    logits = model.apply({"params": params}, tokens, positions=positions, key_mask=key_mask)[:, :length]
+    logits = model.apply({"params": params}, tokens, positions=positions, key_mask=key_mask,
+                         **packing)[:, :length]
     scored = ~protect
     nll = jnp.where(scored, block.bd3_token_nll(logits, x0, xt, t, diff_cfg.mask_id, diff_cfg.clip_min), 0.0)
     loss = jnp.sum(nll) / jnp.maximum(jnp.sum(scored), 1)
@@ -97,7 +110,8 @@ def diffusion_loss(params, batch, rng, *, model_cfg: ModelConfig, diff_cfg: Diff
     u = jax.random.uniform(u_rng, x0.shape)
     xt, is_masked = forward.forward_sample(x0, p_mask[:, None], u, diff_cfg.mask_id,
                                            protect=_protected(batch, diff_cfg))
-    logits = build_model(model_cfg).apply({"params": params}, xt, key_mask=batch["valid_mask"])
+    logits = build_model(model_cfg).apply({"params": params}, xt, key_mask=batch["valid_mask"],
+                                        **_packing_kwargs(batch))
     if diff_cfg.objective == "mdlm":
         loss, _ = losses.mdlm_loss(logits, x0, xt, t, batch["valid_mask"], schedule, mask_id=diff_cfg.mask_id)
     elif diff_cfg.objective == "llada":
@@ -132,7 +146,8 @@ def nelbo_sums(params, batch, rng, *, model_cfg: ModelConfig, diff_cfg: Diffusio
     protect = _protected(batch, diff_cfg)
     xt, is_masked = forward.forward_sample(x0, schedule.mask_prob(t)[:, None], u, diff_cfg.mask_id,
                                            protect=protect)
-    logits = build_model(model_cfg).apply({"params": params}, xt, key_mask=batch["valid_mask"])
+    logits = build_model(model_cfg).apply({"params": params}, xt, key_mask=batch["valid_mask"],
+                                        **_packing_kwargs(batch))
     scored = ~protect
     if diff_cfg.objective == "mdlm":
         _, nll = losses.mdlm_loss(logits, x0, xt, t, batch["valid_mask"], schedule, mask_id=diff_cfg.mask_id)

@@ -54,7 +54,11 @@ def make_eval_step(model_cfg: ModelConfig, diff_cfg: DiffusionConfig):
 
 
 def as_batch(batch: dict) -> dict:
-    """Keep only the arrays the step reads, with the dtypes it expects."""
-    return {"tokens": jnp.asarray(batch["tokens"], jnp.int32),
-            "prompt_mask": jnp.asarray(batch["prompt_mask"], bool),
-            "valid_mask": jnp.asarray(batch["valid_mask"], bool)}
+    """Keep only the arrays the step reads, with the dtypes it expects (packed rows add `segment_ids`, `positions`)."""
+    out = {"tokens": jnp.asarray(batch["tokens"], jnp.int32),
+           "prompt_mask": jnp.asarray(batch["prompt_mask"], bool),
+           "valid_mask": jnp.asarray(batch["valid_mask"], bool)}
+    for key in ("segment_ids", "positions"):
+        if key in batch:
+            out[key] = jnp.asarray(batch[key], jnp.int32)
+    return out
