@@ -11,7 +11,9 @@ side in one run:
   SentencePiece BPE model (both trained here on the corpus, vocabulary 4,096);
 - pack: tokens/s of `pack_documents` and the fill (real tokens / row slots) in its `wrap` and `fit` modes for
   diffusion block sizes 0, 4, 16, 64, next to one-document-per-row padding (what an unpacked pipeline spends);
-- stream: batches/s of the `build_sharded_data` grain stream (shuffle -> repeat -> batch) after packing.
+- stream: batches/s of the `build_sharded_data` grain stream (shuffle -> repeat -> batch) after packing in
+  memory (`data.kind=corpus`, with its start-up time), and of a store written by `dlmjax pack`'s `write_store`
+  (`data.kind=packed`: start-up is opening files; rows are read by index from ArrayRecord).
 Prints one JSON object per row and a table; with --out writes the rows as JSON.
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np  # noqa: E402
 
 from dlmjax.data import ByteTokenizer, CorpusIndex, load_tokenizer, pack_documents  # noqa: E402
 from dlmjax.data.sharded import build_sharded_data  # noqa: E402
+from dlmjax.data.store import build_store_data, write_store  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,6 +148,22 @@ def main():
         n_batches = 200
         _, sec = timed(lambda: [next(it) for _ in range(n_batches)])
         rows.append({"bench": "stream", "case": f"parquet + hf_bpe, batch {args.batch} x {args.seq_len}",
+                     "startup_s": round(sec_build, 2), "batches_per_s": round(n_batches / sec, 1),
+                     "tokens_per_s": round(n_batches * args.batch * args.seq_len / sec)})
+        # The same corpus through `dlmjax pack`'s writer, then the store's stream (`data.kind=packed`).
+        hf = load_tokenizer(tokenizers["hf_bpe"])
+        meta, sec = timed(lambda: write_store(CorpusIndex.build(paths["parquet"], "parquet"), hf, root / "store",
+                                              seq_len=args.seq_len, block_size=16, progress=False))
+        rows.append({"bench": "store", "case": "write: parquet + hf_bpe, wrap, block 16", "docs_per_s":
+                     round(len(docs) / sec), "MB_per_s": round(mb / sec, 1), "tokens_per_s": round(meta.real_tokens / sec),
+                     "fill": round(meta.real_tokens / (meta.n_rows * args.seq_len), 4), "rows": meta.n_rows})
+        (stream, _), sec_build = timed(lambda: build_store_data(path=str(root / "store"), seq_len=args.seq_len,
+                                                                 batch_size=args.batch, seed=0, process_index=0,
+                                                                 process_count=1))
+        it = iter(stream)
+        next(it)
+        _, sec = timed(lambda: [next(it) for _ in range(n_batches)])
+        rows.append({"bench": "stream", "case": f"store (shuffled rows), batch {args.batch} x {args.seq_len}",
                      "startup_s": round(sec_build, 2), "batches_per_s": round(n_batches / sec, 1),
                      "tokens_per_s": round(n_batches * args.batch * args.seq_len / sec)})
     for r in rows:

@@ -1,8 +1,9 @@
-"""The `dlmjax` command line: train, plan, sample, eval, convert, forward.
+"""The `dlmjax` command line: train, plan, pack, sample, eval, convert, forward.
 
     dlmjax train --config configs/demo.yaml [--workdir DIR] [section.key=value ...]
     dlmjax plan --config configs/llada_8b.yaml [--devices 256] [--platform tpu|gpu|cpu] [section.key=value ...]
     dlmjax sample --checkpoint DIR --prompt TEXT [--gen-length N --steps S ...]
+    dlmjax pack --config C --out STORE [section.key=value ...]     (then train with data.kind=packed data.path=STORE)
     dlmjax eval --checkpoint DIR [section.key=value ...]
     dlmjax convert --from-hf HF_DIR --arch llada|dream|mdlm|bd3lm --out CKPT
     dlmjax convert --to-hf CKPT --out HF_DIR
@@ -43,6 +44,32 @@ def cmd_plan(args) -> int:
     cfg = load_config(args.config, args.overrides)
     hbm = None if args.hbm_gib is None else int(args.hbm_gib * 2 ** 30)
     print(format_plan(make_plan(cfg, args.devices, args.platform, hbm), cfg, args.platform))
+    return 0
+
+
+def cmd_pack(args) -> int:
+    from dlmjax.config import ConfigError
+    from dlmjax.data.formats import CorpusIndex
+    from dlmjax.data.store import write_store
+    from dlmjax.data.tokenizer import check_model_vocab, load_tokenizer
+
+    cfg = load_config(args.config, args.overrides)
+    d = cfg.data
+    if d.kind != "corpus":
+        raise ConfigError(f"dlmjax pack reads a corpus: data.kind={d.kind!r} must be 'corpus' (with data.path, "
+                          "data.format and data.tokenizer)")
+    tokenizer = load_tokenizer(d.tokenizer)
+    try:
+        check_model_vocab(tokenizer, vocab_size=cfg.model.vocab_size, mask_id=cfg.diffusion.mask_id)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    meta = write_store(CorpusIndex.build(d.path, d.format), tokenizer, args.out, seq_len=d.seq_len,
+                       block_size=cfg.diffusion.block_size, packing=d.packing, text_field=d.text_field,
+                       record_type=d.record_type, rows_per_file=args.rows_per_file)
+    fill = meta.real_tokens / (meta.n_rows * meta.seq_len)
+    print(json.dumps({"out": str(args.out), "rows": meta.n_rows, "documents": meta.n_documents,
+                      "tokens": meta.real_tokens, "fill": round(fill, 4), "files": len(meta.files)}))
+    print(f"train from it with: data.kind=packed data.path={args.out}", file=sys.stderr)
     return 0
 
 
@@ -205,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--hbm-gib", type=float, help="memory per device in GiB (overrides --platform's budget)")
     pl.add_argument("overrides", nargs="*", help="section.key=value (e.g. mesh.fsdp=16 mesh.data=-1)")
     pl.set_defaults(fn=cmd_plan)
+
+    pk = sub.add_parser("pack", help="tokenize and pack a corpus (data.kind=corpus) into a store of rows that "
+                        "data.kind=packed trains from")
+    pk.add_argument("--config", required=True, help="YAML config with the corpus (data.*) and model vocabulary")
+    pk.add_argument("--out", required=True, help="new directory for the store")
+    pk.add_argument("--rows-per-file", type=int, default=65536, help="rows per ArrayRecord file")
+    pk.add_argument("overrides", nargs="*", help="section.key=value config overrides")
+    pk.set_defaults(fn=cmd_pack)
 
     s = sub.add_parser("sample", help="generate from a checkpoint with the jitted sampler")
     s.add_argument("--checkpoint", required=True, help="a training workdir or its checkpoints/ folder")

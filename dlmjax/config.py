@@ -132,7 +132,8 @@ class DataConfig:
 
     kind: `task` (a built-in generated task), `text` (local text files wrapped into rows, `text_path`), `corpus`
     (documents read per process from `path` in `format`, tokenized with `tokenizer` and packed with segment ids,
-    see `dlmjax.data.sharded`) or `sft` (`format=jsonl` records with `prompt_field` / `response_field`).
+    see `dlmjax.data.sharded`), `packed` (`path` is a store of rows written by `dlmjax pack`, see
+    `dlmjax.data.store`) or `sft` (`format=jsonl` records with `prompt_field` / `response_field`).
     format: text | jsonl | parquet | array_record (`record_type`: text, or int32 `tokens` for array_record).
     tokenizer: `byte`, a Hugging Face `tokenizer.json` path or a SentencePiece `.model` path.
     """
@@ -162,14 +163,14 @@ class DataConfig:
         return {}
 
     def __post_init__(self):
-        _check_choice("data", "kind", self.kind, {"task", "text", "corpus", "sft"})
+        _check_choice("data", "kind", self.kind, {"task", "text", "corpus", "sft", "packed"})
         _check_choice("data", "task", self.task, {"addition", "sudoku"})
         _check_choice("data", "format", self.format, {"text", "jsonl", "parquet", "array_record"})
         _check_choice("data", "record_type", self.record_type, {"text", "tokens"})
         _check_choice("data", "packing", self.packing, {"wrap", "fit"})
         if self.kind == "text" and not self.text_path:
             raise ConfigError("data.text_path is empty; data.kind=text needs a file, folder or glob")
-        if self.kind in ("corpus", "sft") and not self.path:
+        if self.kind in ("corpus", "sft", "packed") and not self.path:
             raise ConfigError(f"data.path is empty; data.kind={self.kind} needs a file, folder or glob")
         if self.kind == "sft" and self.format != "jsonl":
             raise ConfigError(f"data.format={self.format!r} is not allowed with data.kind=sft; choose one of ['jsonl']")
@@ -178,7 +179,7 @@ class DataConfig:
         if self.tokenizer != "byte" and not self.tokenizer.endswith((".json", ".model")):
             raise ConfigError(f"data.tokenizer={self.tokenizer!r} is not allowed; choose 'byte', a tokenizer.json "
                               "path or a SentencePiece .model path")
-        if self.tokenizer != "byte" and self.kind not in ("corpus", "sft"):
+        if self.tokenizer != "byte" and self.kind not in ("corpus", "sft", "packed"):
             raise ConfigError(f"data.tokenizer={self.tokenizer!r} is not allowed with data.kind={self.kind} (task rows "
                               "are one byte per character, text rows are byte-level); use data.kind=corpus or sft")
         for name in ("text_field", "prompt_field", "response_field"):

@@ -197,16 +197,27 @@ def _final(path: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_two_processes_train_on_a_packed_corpus_and_resume(tmp_path):
-    """The demo model on a packed corpus (data.kind=corpus): each process packs its own half of the documents
-    into BD3 rows with segment ids; the job trains, checkpoints (state + one grain position per process),
-    restarts and resumes; both processes agree on every loss and on the held-out NELBO pooled over both shards,
-    and the resumed losses equal an uninterrupted run's."""
+@pytest.mark.parametrize("kind", ["corpus", "packed"])
+def test_two_processes_train_on_a_packed_corpus_and_resume(tmp_path, kind):
+    """The demo model on a packed corpus: each process packs its own half of the documents into BD3 rows with
+    segment ids (data.kind=corpus), or reads its half of the rows of a store written by `dlmjax pack`
+    (data.kind=packed); the job trains, checkpoints (state + one grain position per process), restarts and
+    resumes; both processes agree on every loss and on the held-out NELBO pooled over both shards, and the
+    resumed losses equal an uninterrupted run's."""
     paragraphs = [p.strip() for p in (ROOT / "README.md").read_text(encoding="utf-8").split("\n\n") if p.strip()]
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs), encoding="utf-8")
-    extra = ("data.kind=corpus", f"data.path={corpus}", "data.format=jsonl", "data.seq_len=64",
-             "model.max_seq_len=64", "diffusion.objective=bd3", "diffusion.block_size=8", "data.eval_size=16")
+    rows = ("data.seq_len=64", "model.max_seq_len=64", "diffusion.objective=bd3", "diffusion.block_size=8",
+            "data.eval_size=16")
+    source = ("data.kind=corpus", f"data.path={corpus}", "data.format=jsonl")
+    if kind == "packed":
+        store = tmp_path / "store"
+        packed = subprocess.run([sys.executable, "-m", "dlmjax", "pack", "--config", str(ROOT / "configs/demo.yaml"),
+                                 "--out", str(store), *TINY, *rows, *source], cwd=ROOT, capture_output=True,
+                                text=True, timeout=TIMEOUT)
+        assert packed.returncode == 0, packed.stderr[-3000:]
+        source = ("data.kind=packed", f"data.path={store}")
+    extra = (*rows, *source)
     run, ref = tmp_path / "run", tmp_path / "ref"
     first = _job(run, 4, extra)
     assert sorted(_losses(run / "metrics.jsonl")) == [1, 2, 3, 4]

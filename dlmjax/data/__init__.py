@@ -7,7 +7,8 @@
   pipeline   grain sources, the resumable train stream, padded eval batches, and `build_data`.
   formats    corpus files (text, JSON lines, Parquet, ArrayRecord) as numbered records; per-process shards.
   packing    documents packed into rows with `segment_ids` / `positions` (diffusion-block aligned); SFT rows.
-  sharded    per-process pipelines for `kind=corpus` / `kind=sft` and the global batch assembly.
+  sharded    per-process pipelines for `kind=corpus` / `kind=sft` / `kind=packed` and the global batch assembly.
+  store      packed rows on disk: `write_store` (`dlmjax pack`) and the `kind=packed` reader.
 
 Every record and batch is a dict: `tokens` int32, `prompt_mask` bool, `valid_mask` bool, shaped
 `[L]` (record) or `[B, L]` (batch). Packed rows add `segment_ids` int32 (0 on padding) and `positions` int32.
@@ -34,8 +35,16 @@ from dlmjax.data.tasks import (
 )
 from dlmjax.data.text import TextCorpus, pack_rows, read_documents, resolve_text_files, text_record
 from dlmjax.data.formats import FORMATS, CorpusIndex, resolve_files, shard_range
-from dlmjax.data.packing import pack_documents, sft_row, sft_rows
+from dlmjax.data.packing import (
+    iter_packed_rows,
+    pack_documents,
+    row_record,
+    segment_positions,
+    sft_row,
+    sft_rows,
+)
 from dlmjax.data.sharded import ProcessShard, assemble_global_batch, build_sharded_data
+from dlmjax.data.store import PackedRowSource, StoreMeta, build_store_data, write_store
 from dlmjax.data.tokenizer import (
     BOS_ID,
     EOS_ID,
@@ -57,5 +66,6 @@ __all__ = [
     "pack_rows", "padding_record", "problem_from_record", "read_documents", "resolve_text_files",
     "text_record", "FORMATS", "CorpusIndex", "HFTokenizer", "ProcessShard", "SentencePieceTokenizer", "Tokenizer",
     "assemble_global_batch", "build_sharded_data", "check_model_vocab", "load_tokenizer", "pack_documents",
-    "resolve_files", "sft_row", "sft_rows", "shard_range",
+    "resolve_files", "sft_row", "sft_rows", "shard_range", "iter_packed_rows", "row_record", "segment_positions",
+    "PackedRowSource", "StoreMeta", "build_store_data", "write_store",
 ]

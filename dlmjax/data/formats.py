@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +53,12 @@ def resolve_files(spec: str, fmt: str) -> list[Path]:
     return sorted(files)
 
 
-def _jsonl_lines(path: Path) -> list[str]:
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+def _jsonl_lines(path: Path) -> Iterator[str]:
+    """The non-blank lines of a JSON lines file, streamed (files may be larger than memory)."""
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                yield line
 
 
 def count_records(path: Path, fmt: str) -> int:
@@ -62,7 +66,7 @@ def count_records(path: Path, fmt: str) -> int:
     if fmt == "text":
         return 1
     if fmt == "jsonl":
-        return len(_jsonl_lines(path))
+        return sum(1 for _ in _jsonl_lines(path))
     if fmt == "parquet":
         import pyarrow.parquet as pq  # noqa: PLC0415 (optional dependency)
 
@@ -86,28 +90,36 @@ def _field(obj: dict, name: str, where: str) -> str:
     return value
 
 
-def read_records(path: Path, fmt: str, start: int, stop: int, *, fields: Sequence[str] = ("text",),
-                 record_type: str = "text") -> list:
-    """Documents `[start, stop)` of one file.
+def iter_records(path: Path, fmt: str, start: int = 0, stop: int | None = None, *,
+                 fields: Sequence[str] = ("text",), record_type: str = "text", chunk: int = 1024) -> Iterator:
+    """Documents `[start, stop)` of one file, in one streaming pass (`stop=None`: to the end).
 
-    Returns strings (or int32 arrays for `record_type=tokens`); with several `fields` (SFT: prompt, response)
+    Yields strings (or int32 arrays for `record_type=tokens`); with several `fields` (SFT: prompt, response)
     tuples of strings, one per field (jsonl and parquet only).
     """
+    stop = count_records(path, fmt) if stop is None else stop
+    if stop <= start:
+        return
     if fmt == "text":
         if len(fields) != 1:
             raise ValueError(f"data.format=text holds one document per file; fields {list(fields)} need jsonl")
-        return [path.read_text(encoding="utf-8", errors="replace")][start:stop]
+        if start == 0:
+            yield path.read_text(encoding="utf-8", errors="replace")
+        return
     if fmt == "jsonl":
-        out = []
-        for n, line in enumerate(_jsonl_lines(path)[start:stop], start):
+        for n, line in enumerate(_jsonl_lines(path)):
+            if n >= stop:
+                return
+            if n < start:
+                continue
             where = f"{path} record {n}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where} is not valid JSON: {e}") from e
             values = tuple(_field(obj, f, where) for f in fields)
-            out.append(values if len(fields) > 1 else values[0])
-        return out
+            yield values if len(fields) > 1 else values[0]
+        return
     if fmt == "parquet":
         import pyarrow.parquet as pq  # noqa: PLC0415
 
@@ -116,21 +128,33 @@ def read_records(path: Path, fmt: str, start: int, stop: int, *, fields: Sequenc
         if missing:
             raise ValueError(f"{path}: no column {missing[0]!r} (has {file.schema_arrow.names}); set "
                              "data.text_field (or prompt_field / response_field) to the right column")
-        table = file.read(columns=list(fields)).slice(start, stop - start)
-        cols = [table.column(f).to_pylist() for f in fields]
-        return list(zip(*cols)) if len(fields) > 1 else cols[0]
+        row = 0
+        for batch in file.iter_batches(batch_size=chunk, columns=list(fields)):
+            lo, hi = max(start - row, 0), min(stop - row, batch.num_rows)
+            if lo < hi:
+                cols = [batch.column(f).slice(lo, hi - lo).to_pylist() for f in fields]
+                yield from (zip(*cols) if len(fields) > 1 else cols[0])
+            row += batch.num_rows
+            if row >= stop:
+                return
+        return
     if len(fields) != 1:
         raise ValueError(f"data.format=array_record holds one document per record; fields {list(fields)} need jsonl")
     from array_record.python.array_record_module import ArrayRecordReader  # noqa: PLC0415
 
     reader = ArrayRecordReader(str(path))
     try:
-        raw = reader.read(start, stop) if stop > start else []
+        for lo in range(start, stop, chunk):
+            for r in reader.read(lo, min(lo + chunk, stop)):
+                yield (np.frombuffer(r, dtype="<i4").astype(np.int32) if record_type == "tokens"
+                       else r.decode("utf-8", errors="replace"))
     finally:
         reader.close()
-    if record_type == "tokens":
-        return [np.frombuffer(r, dtype="<i4").astype(np.int32) for r in raw]
-    return [r.decode("utf-8", errors="replace") for r in raw]
+
+
+def read_records(path: Path, fmt: str, start: int, stop: int, **kwargs) -> list:
+    """Documents `[start, stop)` of one file, as a list (see `iter_records`)."""
+    return list(iter_records(path, fmt, start, stop, **kwargs))
 
 
 def shard_range(n_records: int, process_index: int, process_count: int) -> tuple[int, int]:
@@ -141,6 +165,14 @@ def shard_range(n_records: int, process_index: int, process_count: int) -> tuple
     if per == 0:
         raise ValueError(f"the corpus has {n_records} documents, fewer than the {process_count} processes reading it")
     return process_index * per, (process_index + 1) * per
+
+
+def local_batch_size(batch_size: int, process_count: int) -> int:
+    """Rows per process of a global batch (each process reads its own)."""
+    if batch_size % process_count:
+        raise ValueError(f"data.batch_size={batch_size} must be a multiple of the {process_count} processes "
+                         "(each process reads batch_size / process_count rows)")
+    return batch_size // process_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,15 +191,19 @@ class CorpusIndex:
     def __len__(self) -> int:
         return sum(self.counts)
 
-    def read(self, start: int, stop: int, **kwargs) -> list:
-        """Global records `[start, stop)`, opening only the files that hold them."""
-        out, offset = [], 0
+    def iter(self, start: int = 0, stop: int | None = None, **kwargs) -> Iterator:
+        """Global records `[start, stop)`, streamed file by file, opening only the files that hold them."""
+        stop = len(self) if stop is None else stop
+        offset = 0
         for file, count in zip(self.files, self.counts):
             lo, hi = max(start - offset, 0), min(stop - offset, count)
             if lo < hi:
-                out.extend(read_records(file, self.fmt, lo, hi, **kwargs))
+                yield from iter_records(file, self.fmt, lo, hi, **kwargs)
             offset += count
-        return out
+
+    def read(self, start: int, stop: int, **kwargs) -> list:
+        """Global records `[start, stop)` as a list."""
+        return list(self.iter(start, stop, **kwargs))
 
     def read_shard(self, process_index: int, process_count: int, **kwargs) -> list:
         """This process's documents (see `shard_range`)."""

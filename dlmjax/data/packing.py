@@ -22,7 +22,7 @@ forward process never masks it), the EOS padding is a target (LLaDA SFT: the mod
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -34,9 +34,58 @@ def _framed(doc: np.ndarray, bos_id: int, eos_id: int) -> np.ndarray:
     return np.concatenate([[bos_id], np.asarray(doc, np.int32), [eos_id]]).astype(np.int32)
 
 
+def iter_packed_rows(documents: Iterable[np.ndarray], *, seq_len: int, block_size: int = 0, pad_id: int,
+                     bos_id: int, eos_id: int, mode: str = "wrap") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Rows of packed documents, one at a time: `(tokens, segment_ids)`, int32 `[L]` each (see the module
+    docstring; `row_record` adds positions and masks). Streams: holds one row, however long the corpus."""
+    if block_size < 0 or (block_size and seq_len % block_size):
+        raise ValueError(f"block_size={block_size} must be 0 or divide seq_len={seq_len}")
+    if mode not in PACKING_MODES:
+        raise ValueError(f"data.packing={mode!r} is not allowed; choose one of {list(PACKING_MODES)}")
+    unit = block_size or 1
+    tokens = segs = None
+    used = n_segs = seq_len  # no row yet: "full"
+    for doc in documents:
+        rest = _framed(doc, bos_id, eos_id)
+        while len(rest):
+            room = seq_len - used
+            if room == 0 or (mode == "fit" and len(rest) > room and len(rest) <= seq_len) or (
+                    mode == "fit" and len(rest) > seq_len and used):
+                if tokens is not None:
+                    yield tokens, segs
+                tokens, segs = np.full(seq_len, pad_id, np.int32), np.zeros(seq_len, np.int32)
+                used = n_segs = 0
+                room = seq_len
+            piece, rest = rest[:room], rest[room:]
+            n_segs += 1
+            tokens[used: used + len(piece)] = piece
+            segs[used: used + len(piece)] = n_segs
+            used = min(seq_len, used + -(-len(piece) // unit) * unit)  # the next piece starts on a block boundary
+    if tokens is not None:
+        yield tokens, segs
+
+
+def segment_positions(segment_ids: np.ndarray) -> np.ndarray:
+    """Positions restarting at 0 in every segment (and 0 on padding) of `[..., L]` segment ids."""
+    seg = np.asarray(segment_ids)
+    idx = np.broadcast_to(np.arange(seg.shape[-1]), seg.shape)
+    new = np.ones(seg.shape, bool)
+    new[..., 1:] = seg[..., 1:] != seg[..., :-1]
+    starts = np.maximum.accumulate(np.where(new, idx, 0), axis=-1)
+    return np.where(seg > 0, idx - starts, 0).astype(np.int32)
+
+
+def row_record(tokens: np.ndarray, segment_ids: np.ndarray) -> dict[str, np.ndarray]:
+    """The batch record of packed rows `[..., L]`: tokens, segment_ids, positions, valid_mask, prompt_mask."""
+    segment_ids = np.asarray(segment_ids, np.int32)
+    valid = segment_ids > 0
+    return {"tokens": np.asarray(tokens, np.int32), "segment_ids": segment_ids,
+            "positions": segment_positions(segment_ids), "valid_mask": valid, "prompt_mask": np.zeros_like(valid)}
+
+
 def pack_documents(documents: Iterable[np.ndarray], *, seq_len: int, block_size: int = 0, pad_id: int,
                    bos_id: int, eos_id: int, mode: str = "wrap") -> dict[str, np.ndarray]:
-    """Pack token-id documents (int [n] each, without BOS/EOS) into rows.
+    """Pack token-id documents (int [n] each, without BOS/EOS) into rows, all in memory.
 
     Args:
       documents: token ids of each document.
@@ -47,44 +96,11 @@ def pack_documents(documents: Iterable[np.ndarray], *, seq_len: int, block_size:
       A dict of `[n_rows, L]` arrays: `tokens` int32, `segment_ids` int32 (0 on padding), `positions` int32,
       `valid_mask` bool, `prompt_mask` bool (all False).
     """
-    if block_size < 0 or (block_size and seq_len % block_size):
-        raise ValueError(f"block_size={block_size} must be 0 or divide seq_len={seq_len}")
-    if mode not in PACKING_MODES:
-        raise ValueError(f"data.packing={mode!r} is not allowed; choose one of {list(PACKING_MODES)}")
-    unit = block_size or 1
-    rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    tokens = segs = pos = None
-    used = n_segs = seq_len  # no row yet: "full"
-
-    def new_row():
-        nonlocal tokens, segs, pos, used, n_segs
-        tokens = np.full(seq_len, pad_id, np.int32)
-        segs = np.zeros(seq_len, np.int32)
-        pos = np.zeros(seq_len, np.int32)
-        used = n_segs = 0
-        rows.append((tokens, segs, pos))
-
-    for doc in documents:
-        rest = _framed(doc, bos_id, eos_id)
-        while len(rest):
-            room = seq_len - used
-            if room == 0 or (mode == "fit" and len(rest) > room and len(rest) <= seq_len) or (
-                    mode == "fit" and len(rest) > seq_len and used):
-                new_row()
-                room = seq_len
-            piece, rest = rest[:room], rest[room:]
-            n_segs += 1
-            tokens[used: used + len(piece)] = piece
-            segs[used: used + len(piece)] = n_segs
-            pos[used: used + len(piece)] = np.arange(len(piece))
-            used = min(seq_len, used + -(-len(piece) // unit) * unit)  # the next piece starts on a block boundary
+    rows = list(iter_packed_rows(documents, seq_len=seq_len, block_size=block_size, pad_id=pad_id,
+                                 bos_id=bos_id, eos_id=eos_id, mode=mode))
     if not rows:
         raise ValueError("no documents to pack")
-    out = {"tokens": np.stack([r[0] for r in rows]), "segment_ids": np.stack([r[1] for r in rows]),
-           "positions": np.stack([r[2] for r in rows])}
-    out["valid_mask"] = out["segment_ids"] > 0
-    out["prompt_mask"] = np.zeros_like(out["valid_mask"])
-    return out
+    return row_record(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]))
 
 
 def sft_row(prompt: np.ndarray, response: np.ndarray, *, seq_len: int, bos_id: int, eos_id: int

@@ -20,11 +20,12 @@ import grain
 import jax
 import numpy as np
 
-from dlmjax.data.formats import CorpusIndex
+from dlmjax.data.formats import CorpusIndex, local_batch_size
 from dlmjax.data.packing import pack_documents, sft_rows
+from dlmjax.data.store import build_store_data
 from dlmjax.data.tokenizer import Tokenizer
 
-SHARDED_KINDS = ("corpus", "sft")
+SHARDED_KINDS = ("corpus", "sft", "packed")  # packed: a store written by `dlmjax pack`
 DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 
@@ -117,13 +118,6 @@ def split_rows(rows: dict[str, np.ndarray], *, local_batch: int, val_frac: float
     return ({k: v[:n_train] for k, v in rows.items()}, {k: v[n - n_val:] for k, v in rows.items()})
 
 
-def local_batch_size(batch_size: int, shard: ProcessShard) -> int:
-    if batch_size % shard.count:
-        raise ValueError(f"data.batch_size={batch_size} must be a multiple of the {shard.count} processes "
-                         "(each process reads batch_size / process_count rows)")
-    return batch_size // shard.count
-
-
 def build_sharded_data(*, kind: str, path: str, fmt: str, tokenizer: Tokenizer, seq_len: int, batch_size: int,
                        seed: int, block_size: int = 0, text_field: str = "text", prompt_field: str = "prompt",
                        response_field: str = "response", record_type: str = "text", eval_size: int = 500,
@@ -138,7 +132,12 @@ def build_sharded_data(*, kind: str, path: str, fmt: str, tokenizer: Tokenizer, 
     if kind not in SHARDED_KINDS:
         raise ValueError(f"data.kind={kind!r} is not allowed here; choose one of {list(SHARDED_KINDS)}")
     shard = shard or ProcessShard.current()
-    local = local_batch_size(batch_size, shard)
+    if kind == "packed":  # rows tokenized and packed ahead of time (dlmjax.data.store)
+        ds, evals = build_store_data(path=path, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                                     process_index=shard.index, process_count=shard.count, eval_size=eval_size,
+                                     val_frac=val_frac, read_options=read_options)
+        return ds, evals, tokenizer, None
+    local = local_batch_size(batch_size, shard.count)
     index = CorpusIndex.build(path, fmt)
     if kind == "corpus":
         rows = corpus_rows(index, tokenizer, shard, seq_len=seq_len, block_size=block_size, text_field=text_field,

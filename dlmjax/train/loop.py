@@ -57,6 +57,7 @@ from dlmjax.checkpoint import Checkpointer
 from dlmjax.config import Config, ConfigError
 from dlmjax.data.pipeline import build_data, make_eval_batches
 from dlmjax.data.sharded import SHARDED_KINDS, assemble_global_batch, build_sharded_data
+from dlmjax.data.store import StoreMeta, check_store
 from dlmjax.data.tasks import heldout
 from dlmjax.data.tokenizer import check_model_vocab, load_tokenizer
 from dlmjax.evaluate import heldout_nelbo, task_exact_match
@@ -70,9 +71,13 @@ from dlmjax.train.step import as_batch, make_eval_step, make_train_step
 def load_data(cfg: Config):
     d = cfg.data
     if d.kind in SHARDED_KINDS:  # each process reads its own documents (dlmjax.data.sharded)
-        tokenizer = load_tokenizer(d.tokenizer)
         try:
-            check_model_vocab(tokenizer, vocab_size=cfg.model.vocab_size, mask_id=cfg.diffusion.mask_id)
+            if d.kind == "packed":
+                tokenizer = None
+                check_store(StoreMeta.read(d.path), cfg)
+            else:
+                tokenizer = load_tokenizer(d.tokenizer)
+                check_model_vocab(tokenizer, vocab_size=cfg.model.vocab_size, mask_id=cfg.diffusion.mask_id)
         except ValueError as e:
             raise ConfigError(str(e)) from e
         return build_sharded_data(kind=d.kind, path=d.path, fmt=d.format, tokenizer=tokenizer, seq_len=d.seq_len,
