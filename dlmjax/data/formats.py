@@ -152,11 +152,6 @@ def iter_records(path: Path, fmt: str, start: int = 0, stop: int | None = None, 
         reader.close()
 
 
-def read_records(path: Path, fmt: str, start: int, stop: int, **kwargs) -> list:
-    """Documents `[start, stop)` of one file, as a list (see `iter_records`)."""
-    return list(iter_records(path, fmt, start, stop, **kwargs))
-
-
 def shard_range(n_records: int, process_index: int, process_count: int) -> tuple[int, int]:
     """Global record range `[start, stop)` of one process: equal sizes `n // count`, remainder dropped."""
     if not 0 <= process_index < process_count:

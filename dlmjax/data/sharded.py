@@ -20,13 +20,13 @@ import grain
 import jax
 import numpy as np
 
-from dlmjax.data.formats import CorpusIndex, local_batch_size
+from dlmjax.data.pipeline import DEFAULT_READ_OPTIONS
+from dlmjax.data.formats import CorpusIndex, local_batch_size, shard_range
 from dlmjax.data.packing import pack_documents, sft_rows
 from dlmjax.data.store import build_store_data
-from dlmjax.data.tokenizer import Tokenizer
+from dlmjax.data.tokenizer import Tokenizer, encode_in_chunks
 
 SHARDED_KINDS = ("corpus", "sft", "packed")  # packed: a store written by `dlmjax pack`
-DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,16 +77,11 @@ def agree_min(value: int, shard: ProcessShard) -> int:
 def corpus_rows(index: CorpusIndex, tokenizer: Tokenizer, shard: ProcessShard, *, seq_len: int, block_size: int = 0,
                 text_field: str = "text", record_type: str = "text", packing: str = "wrap") -> dict[str, np.ndarray]:
     """This process's documents, tokenized and packed (see `packing.pack_documents`)."""
-    docs = index.read_shard(shard.index, shard.count, fields=(text_field,), record_type=record_type)
-    ids = docs if record_type == "tokens" else _encode_in_chunks(tokenizer, docs)
+    docs = index.iter(*shard_range(len(index), shard.index, shard.count), fields=(text_field,),
+                      record_type=record_type)  # streamed: only the packed rows are held
+    ids = docs if record_type == "tokens" else encode_in_chunks(tokenizer, docs)
     return pack_documents(ids, seq_len=seq_len, block_size=block_size, pad_id=tokenizer.pad_id,
                           bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, mode=packing)
-
-
-def _encode_in_chunks(tokenizer: Tokenizer, texts: list[str], chunk: int = 1024):
-    """Token ids of each text, encoded a chunk at a time (the subword libraries use every core per batch)."""
-    for start in range(0, len(texts), chunk):
-        yield from tokenizer.encode_arrays(texts[start: start + chunk])
 
 
 def sft_rows_of(index: CorpusIndex, tokenizer: Tokenizer, shard: ProcessShard, *, seq_len: int,

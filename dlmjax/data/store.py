@@ -20,7 +20,6 @@ checkpointed with the train state.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import os
 import shutil
@@ -31,13 +30,13 @@ import grain
 import numpy as np
 from tqdm.auto import tqdm
 
+from dlmjax.data.pipeline import DEFAULT_READ_OPTIONS
 from dlmjax.data.formats import CorpusIndex, local_batch_size, shard_range
 from dlmjax.data.packing import iter_packed_rows, row_record
-from dlmjax.data.tokenizer import Tokenizer
+from dlmjax.data.tokenizer import Tokenizer, encode_in_chunks
 
 META = "meta.json"
 STORE_FORMAT = "dlmjax-packed-rows/1"
-DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,11 +74,7 @@ class StoreMeta:
 def _document_ids(index: CorpusIndex, tokenizer: Tokenizer, *, text_field: str, record_type: str,
                   chunk: int = 1024) -> Iterator[np.ndarray]:
     docs = index.iter(fields=(text_field,), record_type=record_type)
-    if record_type == "tokens":
-        yield from docs
-        return
-    while batch := list(itertools.islice(docs, chunk)):
-        yield from tokenizer.encode_arrays(batch)  # batched: the subword libraries use every core
+    return docs if record_type == "tokens" else encode_in_chunks(tokenizer, docs, chunk)
 
 
 def write_store(index: CorpusIndex, tokenizer: Tokenizer, out: str | Path, *, seq_len: int, block_size: int = 0,

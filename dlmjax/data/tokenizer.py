@@ -19,8 +19,10 @@ on arithmetic and Sudoku. The special ids sit above the 256 byte values:
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar, Protocol
 
@@ -119,7 +121,7 @@ _HF_SPECIALS = {
 }
 
 
-class _SubwordTokenizer:
+class _SubwordTokenizer(abc.ABC):
     """Shared special-id handling of the file-based tokenizers; subclasses provide `_encode` / `_decode`."""
 
     name: str
@@ -133,11 +135,13 @@ class _SubwordTokenizer:
         self.model_vocab_size = max(vocab_size, self.mask_id + 1)
         self._specials = np.array(sorted({self.bos_id, self.eos_id, self.pad_id, self.mask_id}), dtype=np.int64)
 
-    def _encode(self, text: str) -> list[int]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _encode(self, text: str) -> list[int]:
+        """Ids of `text`, no specials added."""
 
-    def _decode(self, ids: list[int]) -> str:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _decode(self, ids: list[int]) -> str:
+        """Text of ids (specials already removed)."""
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
         """Token ids of `text` (no specials added by the tokenizer itself), optionally framed by BOS and EOS."""
@@ -151,8 +155,9 @@ class _SubwordTokenizer:
         """`encode_array` of each text, on all cores (both libraries encode a batch in native threads)."""
         return [np.asarray(ids, dtype=np.int32) for ids in self._encode_batch(list(texts))]
 
+    @abc.abstractmethod
     def _encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [self._encode(t) for t in texts]
+        """`_encode` of each text, in the library's parallel batch call."""
 
     def decode(self, ids: Iterable[int] | np.ndarray, *, stop_at_eos: bool = True) -> str:
         """Text of a 1-D id sequence; special ids dropped, and everything from the first EOS with `stop_at_eos`."""
@@ -256,3 +261,11 @@ def check_model_vocab(tokenizer: Tokenizer, *, vocab_size: int, mask_id: int) ->
         raise ValueError(f"diffusion.mask_id={mask_id} is not the mask id of data.tokenizer={tokenizer.name!r}: "
                          f"set diffusion.mask_id={tokenizer.mask_id}")
 
+
+
+def encode_in_chunks(tokenizer: Tokenizer, texts: Iterable[str], chunk: int = 1024) -> Iterator[np.ndarray]:
+    """Token ids (`encode_array`) of each text of a stream, encoded `chunk` texts at a time: the subword
+    libraries spread a batch over every core."""
+    texts = iter(texts)
+    while batch := list(itertools.islice(texts, chunk)):
+        yield from tokenizer.encode_arrays(batch)

@@ -65,7 +65,7 @@ from dlmjax.models.transformer import count_params
 from dlmjax.sharding import batch_sharding, make_mesh, replicated_report
 from dlmjax.train.metrics import MetricsWriter
 from dlmjax.train.state import init_train_state, make_optimizer, param_specs
-from dlmjax.train.step import as_batch, make_eval_step, make_train_step
+from dlmjax.train.step import as_batch, host_batch, make_eval_step, make_train_step
 
 
 def load_data(cfg: Config):
@@ -282,11 +282,9 @@ def global_batch(batch: dict, sharding, *, per_process: bool = False) -> dict:
     rows are the single-process batch's rows, so a multi-process run sees the same data as a single process.
     With `per_process` (data.kind corpus/sft) `batch` is already this process's own rows (`dlmjax.data.sharded`).
     """
+    host = host_batch(batch)
     if jax.process_count() == 1:
-        return jax.device_put(as_batch(batch), sharding)
-    host = {"tokens": np.asarray(batch["tokens"], np.int32), "prompt_mask": np.asarray(batch["prompt_mask"], bool),
-            "valid_mask": np.asarray(batch["valid_mask"], bool)}
-    host.update({k: np.asarray(batch[k], np.int32) for k in ("segment_ids", "positions") if k in batch})
+        return jax.device_put(host, sharding)  # straight to the mesh: no stop on the default device
     if per_process:
         return assemble_global_batch(host, sharding)
     rows = process_rows(sharding, np.shape(batch["tokens"]))

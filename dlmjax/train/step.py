@@ -9,6 +9,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dlmjax.config import DiffusionConfig, LogicalRules, ModelConfig
@@ -53,12 +54,18 @@ def make_eval_step(model_cfg: ModelConfig, diff_cfg: DiffusionConfig):
     return jax.jit(functools.partial(nelbo_sums, model_cfg=model_cfg, diff_cfg=diff_cfg))
 
 
+# The arrays a step reads and their dtypes; packed rows (dlmjax.data.packing) add the last two.
+BATCH_DTYPES = {"tokens": np.int32, "prompt_mask": np.bool_, "valid_mask": np.bool_,
+                "segment_ids": np.int32, "positions": np.int32}
+OPTIONAL_KEYS = ("segment_ids", "positions")
+
+
+def host_batch(batch: dict) -> dict:
+    """Keep only the arrays the step reads, as numpy arrays with the dtypes it expects (still on the host)."""
+    return {k: np.asarray(batch[k], dtype) for k, dtype in BATCH_DTYPES.items()
+            if k in batch or k not in OPTIONAL_KEYS}
+
+
 def as_batch(batch: dict) -> dict:
-    """Keep only the arrays the step reads, with the dtypes it expects (packed rows add `segment_ids`, `positions`)."""
-    out = {"tokens": jnp.asarray(batch["tokens"], jnp.int32),
-           "prompt_mask": jnp.asarray(batch["prompt_mask"], bool),
-           "valid_mask": jnp.asarray(batch["valid_mask"], bool)}
-    for key in ("segment_ids", "positions"):
-        if key in batch:
-            out[key] = jnp.asarray(batch[key], jnp.int32)
-    return out
+    """`host_batch` on the default device."""
+    return {k: jnp.asarray(v) for k, v in host_batch(batch).items()}
