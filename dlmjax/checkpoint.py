@@ -40,6 +40,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
+from dlmjax.errors import CheckpointRestoreError
 from dlmjax.config import CheckpointConfig, Config, MeshConfig, config_from_dict
 from dlmjax.models.transformer import init_params
 from dlmjax.sharding import make_mesh
@@ -53,8 +54,6 @@ class CheckpointWarning(UserWarning):
     """A checkpoint step was skipped: not committed, or committed but unreadable."""
 
 
-class CheckpointRestoreError(RuntimeError):
-    """No checkpoint step (or params export) in a directory could be restored."""
 
 
 def _short(err: BaseException, limit: int = 400) -> str:

@@ -15,9 +15,9 @@ from typing import Any
 
 import yaml
 
+from dlmjax.errors import ConfigError  # re-exported: `from dlmjax.config import ConfigError`
 
-class ConfigError(ValueError):
-    """A configuration value is unknown, of the wrong type, or inconsistent with another value."""
+
 
 
 def _check_choice(section: str, name: str, value, allowed) -> None:

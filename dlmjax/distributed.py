@@ -31,6 +31,8 @@ from collections.abc import Mapping
 
 import jax
 
+from dlmjax.errors import DistributedError
+
 COORDINATOR, NUM_PROCESSES, PROCESS_ID = "DLMJAX_COORDINATOR", "DLMJAX_NUM_PROCESSES", "DLMJAX_PROCESS_ID"
 LOCAL_DEVICE_IDS, SWITCH, COORDINATOR_PORT = "DLMJAX_LOCAL_DEVICE_IDS", "DLMJAX_DISTRIBUTED", "DLMJAX_COORDINATOR_PORT"
 EXPLICIT = (COORDINATOR, NUM_PROCESSES, PROCESS_ID)
@@ -39,7 +41,7 @@ _OFF, _ON = ("0", "off", "false", "no"), ("1", "on", "true", "yes")
 TPU_ENV_HINTS = ("TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE", "TPU_WORKER_ID", "MEGASCALE_COORDINATOR_ADDRESS")
 
 
-class DistributedConfigError(ValueError):
+class DistributedConfigError(DistributedError):
     """The environment describes a multi-process job incompletely or inconsistently."""
 
 
