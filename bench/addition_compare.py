@@ -24,7 +24,8 @@ import jax  # noqa: E402
 from dlmjax.checkpoint import load  # noqa: E402
 from dlmjax.data.tasks import get_task, heldout  # noqa: E402
 from dlmjax.data.tokenizer import ByteTokenizer  # noqa: E402
-from dlmjax.evaluate import task_exact_match, uses_block_sampler  # noqa: E402
+from dlmjax.evaluate import task_exact_match
+from dlmjax.inference import uses_block_sampler  # noqa: E402
 from dlmjax.models.transformer import count_params  # noqa: E402
 
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from dlmjax.config import ModelConfig  # noqa: E402
 from dlmjax.models.transformer import count_params, init_params  # noqa: E402
-from dlmjax.sampling.block import generate_blocks, generate_blocks_uncached  # noqa: E402
+from dlmjax.sampling import Denoiser, generate_blocks, generate_blocks_uncached  # noqa: E402
 from dlmjax.sampling.settings import BlockSamplerSettings  # noqa: E402
 
 
@@ -60,12 +60,12 @@ def main():
         prompt = jax.random.randint(jax.random.PRNGKey(1), (a.batch, a.prompt_len), 0, 256, jnp.int32)
         for bs in a.block_sizes:
             block = bs or a.prompt_len + gen
-            settings = BlockSamplerSettings(max_length=a.prompt_len + gen, block_length=block, mask_id=259)
+            settings = BlockSamplerSettings.bd3(max_length=a.prompt_len + gen, block_length=block, mask_id=259)
             rng = jax.random.PRNGKey(2)
             row = {"bench": "block_sample", "params": count_params(params), "batch": a.batch,
                    "prompt_len": a.prompt_len, "gen_length": gen, "block_length": block}
             for name, fn in (("cached", generate_blocks), ("uncached", generate_blocks_uncached)):
-                seconds, (tokens, nfe) = timed(fn, cfg, params, prompt, settings, rng, a.repeats)
+                seconds, (tokens, nfe) = timed(fn, Denoiser(cfg), params, prompt, settings, rng, a.repeats)
                 row[f"{name}_s"] = round(seconds, 3)
                 row[f"{name}_nfe"] = int(nfe)
                 row[f"{name}_tokens_per_s"] = round(a.batch * gen / seconds, 1)

@@ -30,8 +30,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from dlmjax.config import ModelConfig  # noqa: E402
-from dlmjax.models.transformer import Denoiser, count_params, init_params  # noqa: E402
-from dlmjax.sampling import SamplerSettings, generate  # noqa: E402
+from dlmjax.models.transformer import count_params, init_params  # noqa: E402
+from dlmjax.sampling import Denoiser, SamplerSettings  # noqa: E402
+from dlmjax.sampling import generate_masked as generate  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REFERENCE = {("none", None): "llada_generate", ("prefix", None): "prefix_fixed", ("dual", None): "dual_fixed",
@@ -130,8 +131,8 @@ def main():
     for mode in args.modes.split(","):
         for th in args.thresholds.split(","):
             threshold = None if th == "none" else float(th)
-            settings = SamplerSettings(gen_length=g, steps=g, block_length=bl, remasking="low_confidence",
-                                       cache=mode, threshold=threshold, mask_id=500)
+            settings = SamplerSettings.llada(gen_length=g, steps=g, block_length=bl, remasking="low_confidence",
+                                             cache=mode, threshold=threshold, mask_id=500)
             t0 = time.perf_counter()
             compiled = generate.lower(denoiser, params, prompt, settings, rng).compile()
             compile_s = time.perf_counter() - t0

@@ -19,18 +19,46 @@ Glossary (names in the code follow it; see ../README.md for the longer version):
   prefill / commit pass  Forwards that write K/V into the block sampler's cache: the prompt's full blocks once,
                  then each finished block.
 
-Entry points: `dlmjax.generate(params, prompt_ids, settings)` (the masked sampler: LLaDA, Fast-dLLM caches and
-parallel decoding, Dream; ragged prompts in width buckets; `dlmjax.sampling.generate` is the jitted program), `dlmjax.generate_blocks` (jitted block-diffusion
-sampler with a KV cache), `dlmjax.sample` (the sampler a run was trained for), `dlmjax.load` (config and params
-of a checkpoint), `dlmjax.load_config`, `dlmjax.Denoiser`, and the `dlmjax` command line (`dlmjax.cli`).
+Entry points (the notebook API): `dlmjax.open_run(path)` (a checkpoint's config, parameters, token ids and
+tokenizer), `dlmjax.load(path)` (config and parameters), `dlmjax.generate(model, params, prompt_ids, settings)`
+(both samplers on ragged prompts in width buckets: `SamplerSettings` for the masked sampler, LLaDA / Fast-dLLM /
+Dream, whose jitted program is `dlmjax.sampling.generate_masked`; `BlockSamplerSettings` for the block-diffusion
+sampler with an exact KV cache, `dlmjax.generate_blocks`), `dlmjax.sample` (the sampler a run was trained for),
+`dlmjax.load_config`, `dlmjax.Denoiser` (the static view of a model that the samplers call), and the
+`dlmjax` command line (`dlmjax.cli`). `dlmjax.inference` answers "which sampler, with which settings and token ids,
+for this checkpoint" for all of them.
 """
-from dlmjax.checkpoint import load
-from dlmjax.config import Config, load_config
-from dlmjax.models.transformer import Denoiser, Transformer, init_params
-from dlmjax.evaluate import sample
-from dlmjax.sampling import BlockSamplerSettings, SamplerSettings, generate_blocks
-from dlmjax.sampling.api import Generation, generate
+import importlib
+
+# Names are loaded on first use (PEP 562), so that `import dlmjax.sampling` does not pull in orbax, the data
+# pipeline or the trainer: each subpackage imports only what its own job needs.
+_EXPORTS = {
+    "load": "dlmjax.checkpoint",
+    "Config": "dlmjax.config", "load_config": "dlmjax.config",
+    "Run": "dlmjax.inference", "SampleRequest": "dlmjax.inference", "open_run": "dlmjax.inference",
+    "sample": "dlmjax.inference",
+    "Transformer": "dlmjax.models.transformer", "init_params": "dlmjax.models.transformer",
+    "BlockSamplerSettings": "dlmjax.sampling", "Denoiser": "dlmjax.sampling", "SamplerSettings": "dlmjax.sampling",
+    "SpecialTokens": "dlmjax.sampling", "generate_blocks": "dlmjax.sampling",
+    "Generation": "dlmjax.sampling.api", "generate": "dlmjax.sampling.api",
+}
+_SUBPACKAGES = {"checkpoint", "cli", "config", "data", "diffusion", "distributed", "errors", "evaluate", "inference",
+                "interchange", "models", "sampling", "sharding", "train"}
 
 __version__ = "0.1.0"
-__all__ = ["BlockSamplerSettings", "Config", "Denoiser", "Generation", "SamplerSettings", "Transformer", "generate",
-           "generate_blocks", "init_params", "load", "load_config", "sample"]
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f"dlmjax.{name}")
+    else:
+        raise AttributeError(f"module 'dlmjax' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS) | _SUBPACKAGES)

@@ -8,37 +8,43 @@
     dlmjax convert --from-hf HF_DIR --arch llada|dream|mdlm|bd3lm --out CKPT
     dlmjax convert --to-hf CKPT --out HF_DIR
     dlmjax forward --checkpoint CKPT --input-ids IDS.npy [--sigma SIGMA.npy] --out LOGITS.npy
+
+Each subcommand parses its flags and calls one library function; nothing else lives here. A user's mistake
+(`dlmjax.errors.DlmjaxError`, or a file that is missing, exists already or cannot be written) is printed as one
+line naming the flag, field or file, and the command exits with status 2; anything else is a bug in dlmjax and
+keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from dlmjax.checkpoint import CheckpointRestoreError
-from dlmjax.config import ConfigError, apply_overrides, load_config
+from dlmjax.errors import DlmjaxError
+
+USER_ERROR_STATUS = 2
 
 
-def _parse_ids(text: str) -> list[list[int]]:
-    try:
-        return [[int(t) for t in row.split(",") if t.strip()] for row in text.split(";")]
-    except ValueError as e:
-        raise SystemExit(f"--prompt-ids {text!r}: expected comma-separated integers, rows separated by ';' ({e})")
+def _log(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 def cmd_train(args) -> int:
-    from dlmjax.train.loop import exit_status, print_json, train_and_evaluate
+    from dlmjax.config import load_config
+    from dlmjax.train.loop import train_and_evaluate
+    from dlmjax.train.result import exit_status, print_json
 
     cfg = load_config(args.config, args.overrides)
     workdir = Path(args.workdir or Path("runs") / Path(args.config).stem)
-    print(f"workdir: {workdir}", file=sys.stderr)
-    result = train_and_evaluate(cfg, workdir, log=lambda s: print(s, file=sys.stderr))
+    result = train_and_evaluate(cfg, workdir, log=_log)
     print_json(result)
     return exit_status(result)  # 143 if stopped by SIGTERM: rerun to resume
 
 
 def cmd_plan(args) -> int:
+    from dlmjax.config import load_config
     from dlmjax.train.plan import format_plan, make_plan
 
     cfg = load_config(args.config, args.overrides)
@@ -48,174 +54,119 @@ def cmd_plan(args) -> int:
 
 
 def cmd_pack(args) -> int:
-    from dlmjax.config import ConfigError
-    from dlmjax.data.formats import CorpusIndex
-    from dlmjax.data.store import write_store
-    from dlmjax.data.tokenizer import check_model_vocab, load_tokenizer
+    from dlmjax.config import load_config
+    from dlmjax.data.store import pack_corpus
 
-    cfg = load_config(args.config, args.overrides)
-    d = cfg.data
-    if d.kind != "corpus":
-        raise ConfigError(f"dlmjax pack reads a corpus: data.kind={d.kind!r} must be 'corpus' (with data.path, "
-                          "data.format and data.tokenizer)")
-    tokenizer = load_tokenizer(d.tokenizer)
-    try:
-        check_model_vocab(tokenizer, vocab_size=cfg.model.vocab_size, mask_id=cfg.diffusion.mask_id)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    meta = write_store(CorpusIndex.build(d.path, d.format), tokenizer, args.out, seq_len=d.seq_len,
-                       block_size=cfg.diffusion.block_size, packing=d.packing, text_field=d.text_field,
-                       record_type=d.record_type, rows_per_file=args.rows_per_file)
-    fill = meta.real_tokens / (meta.n_rows * meta.seq_len)
-    print(json.dumps({"out": str(args.out), "rows": meta.n_rows, "documents": meta.n_documents,
-                      "tokens": meta.real_tokens, "fill": round(fill, 4), "files": len(meta.files)}))
-    print(f"train from it with: data.kind=packed data.path={args.out}", file=sys.stderr)
+    summary = pack_corpus(load_config(args.config, args.overrides), args.out, rows_per_file=args.rows_per_file)
+    print(json.dumps(summary))
+    _log(f"train from it with: data.kind=packed data.path={args.out}")
     return 0
 
 
 def cmd_eval(args) -> int:
-    from dlmjax.checkpoint import load
-    from dlmjax.train.loop import evaluate, print_json
+    from dlmjax.evaluate import evaluate_checkpoint
+    from dlmjax.train.result import print_json
 
-    cfg, params = load(args.checkpoint)
-    if args.overrides:
-        cfg = apply_overrides(cfg, args.overrides)
-    print_json(evaluate(cfg, params, show_examples=args.show, log=lambda s: print(s, file=sys.stderr)))
+    print_json(evaluate_checkpoint(args.checkpoint, args.overrides, show_examples=args.show, log=_log))
     return 0
-
-
-REMASKING_RULES = ("low_confidence", "random")
-FAST_FLAGS = ("cache", "threshold", "factor", "alg", "top_p", "top_k")
 
 
 def cmd_sample(args) -> int:
-    import dataclasses
+    from dlmjax.inference import SampleRequest, open_run, sample_rows
 
-    import jax
-    import numpy as np
-
-    from dlmjax.checkpoint import load
-    from dlmjax.data.tokenizer import ByteTokenizer
-    from dlmjax.evaluate import sample, sampler_settings, uses_block_sampler
-
-    cfg, params = load(args.checkpoint)
-    tok = ByteTokenizer()
-    if (args.prompt is None) == (args.prompt_ids is None):
-        raise SystemExit("give exactly one of --prompt TEXT or --prompt-ids 1,2,3[;4,5,6]")
-    rows = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else [tok.encode(args.prompt, bos=True)]
-    flags = {"gen_length": args.gen_length, "steps": args.steps, "block_length": args.block_length,
-             "steps_per_block": args.steps_per_block, "remasking": args.remasking, "temperature": args.temperature}
-    if flags["remasking"] not in (None, *REMASKING_RULES):
-        flags["remasking"] = None  # margin / entropy: masked sampler only, passed straight to its settings
-    cfg = dataclasses.replace(cfg, sample=dataclasses.replace(
-        cfg.sample, **{k: v for k, v in flags.items() if v is not None}))
-    rng = jax.random.PRNGKey(args.seed)
-    if uses_block_sampler(cfg):
-        given = [f"--{f.replace('_', '-')}" for f in FAST_FLAGS if getattr(args, f) not in (None, "none")]
-        if args.cfg_scale or given:
-            raise SystemExit(f"{' '.join(given + (['--cfg-scale'] if args.cfg_scale else []))}: this checkpoint "
-                             f"(diffusion.objective={cfg.diffusion.objective}) samples with the BD3 block sampler, "
-                             "which has an exact KV cache and no guidance; these flags belong to the masked sampler")
-        width = max(len(r) for r in rows)
-        # Rows of different lengths are left-padded; the mask keeps the padding out of attention.
-        prompt = np.zeros((len(rows), width), np.int32)
-        prompt_mask = np.zeros((len(rows), width), bool)
-        for i, r in enumerate(rows):
-            prompt[i, width - len(r):] = r
-            prompt_mask[i, width - len(r):] = True
-        settings = sampler_settings(cfg, width)
-        tokens, nfe = sample(cfg, params, prompt, rng, settings=settings, prompt_mask=prompt_mask)
-        out, nfe = np.asarray(tokens).tolist(), int(nfe)  # the block sampler already drops padding
-    else:
-        out, nfe = _sample_masked(cfg, params, rows, rng, args)
+    run = open_run(args.checkpoint)
+    rows = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else [run.encode(args.prompt)]
+    request = SampleRequest(
+        gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
+        steps_per_block=args.steps_per_block, remasking=args.remasking, temperature=args.temperature,
+        cfg_scale=args.cfg_scale, cache=args.cache, threshold=args.threshold, factor=args.factor, alg=args.alg,
+        alg_temp=args.alg_temp, top_p=args.top_p, top_k=args.top_k, stop_at_eos=args.stop_at_eos or None)
+    out, nfe = sample_rows(run, rows, request, seed=args.seed)
     if args.json:
         print(json.dumps({"tokens": out, "nfe": nfe}))
+    elif args.prompt is not None:
+        print(run.decode(out[0][len(rows[0]):]))
     else:
-        for row, r in zip(out, rows):
-            print(tok.decode(row[len(r):]) if args.prompt is not None else row)
+        for row in out:
+            print(row)
     return 0
 
 
-def _sample_masked(cfg, params, rows, rng, args):
-    """The masked sampler (LLaDA / Fast-dLLM / Dream) through `dlmjax.generate`: rows are prompt + generation."""
-    from dlmjax.interchange import special_tokens
-    from dlmjax.sampling import SamplerSettings
-    from dlmjax.sampling.api import generate
+def _parse_ids(text: str) -> list[list[int]]:
+    from dlmjax.errors import InputError
 
-    width = max(len(r) for r in rows)
-    gen = args.gen_length or cfg.sample.gen_length or (cfg.data.seq_len - width)
-    if gen <= 0:
-        raise ValueError(f"--gen-length resolves to {gen}: the prompt ({width} tokens) fills data.seq_len="
-                         f"{cfg.data.seq_len}; pass --gen-length")
-    ids = special_tokens(args.checkpoint, cfg)
-    common = dict(temperature=args.temperature if args.temperature is not None else cfg.sample.temperature,
-                  cfg_scale=args.cfg_scale, top_p=args.top_p or 1.0, top_k=args.top_k or 0,
-                  eos_id=ids.get("eos_id"), pad_id=ids.get("pad_id"))
-    if args.stop_at_eos:
-        common["stop_at_eos"] = True
-    steps = args.steps or cfg.sample.steps or gen
-    block = args.block_length or cfg.sample.block_length or gen
-    if args.alg:
-        if args.cache not in (None, "none") or args.factor is not None or args.remasking:
-            raise SystemExit("--alg selects Dream's diffusion_generate; it takes no --cache, --factor or --remasking")
-        settings = SamplerSettings.dream(max_new_tokens=gen, steps=steps, alg=args.alg, alg_temp=args.alg_temp,
-                                         threshold=args.threshold, mask_id=cfg.diffusion.mask_id,
-                                         block_length=block, model=cfg.model, **common)
-    else:
-        settings = SamplerSettings.for_model(
-            cfg, gen_length=gen, steps=steps, block_length=block,
-            remasking=args.remasking or cfg.sample.remasking, cache=args.cache or "none",
-            threshold=args.threshold, factor=args.factor, **common)
-    result = generate(params, rows, settings, rng)
-    return result.rows(), result.nfe
+    try:
+        return [[int(t) for t in row.split(",") if t.strip()] for row in text.split(";")]
+    except ValueError:
+        raise InputError(f"--prompt-ids={text!r} is not allowed; give comma-separated integers, rows separated by "
+                         "';' (e.g. 1,2,3;4,5)") from None
 
 
 def cmd_convert(args) -> int:
     from dlmjax.interchange import convert_from_hf, export_to_hf
 
     if args.from_hf is not None:
-        if not args.arch:
-            raise SystemExit("dlmjax convert --from-hf needs --arch (llada, dream, mdlm or bd3lm)")
         out = convert_from_hf(args.from_hf, args.arch, args.out)
-        print(f"converted {args.from_hf} (--arch {args.arch}) -> {out}", file=sys.stderr)
+        _log(f"converted {args.from_hf} (--arch {args.arch}) -> {out}")
     else:
-        if args.arch:
-            raise SystemExit("dlmjax convert --to-hf takes no --arch: the checkpoint records its architecture")
         out = export_to_hf(args.to_hf, args.out)
-        print(f"exported {args.to_hf} -> {out}", file=sys.stderr)
+        _log(f"exported {args.to_hf} -> {out}")
     print(json.dumps({"out": str(out)}))
     return 0
 
 
-def _load_npy(path: str, what: str):
-    import numpy as np
-
-    try:
-        return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{what} file {path!r} does not exist") from None
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{what} file {path!r} is not a readable .npy array ({e})") from None
-
-
 def cmd_forward(args) -> int:
-    import numpy as np
+    from dlmjax.interchange import forward_to_file
 
-    from dlmjax.checkpoint import load
-    from dlmjax.interchange import forward_logits
-
-    ids = _load_npy(args.input_ids, "--input-ids")
-    sigma = _load_npy(args.sigma, "--sigma") if args.sigma else None
-    cfg, params = load(args.checkpoint)
-    logits = forward_logits(cfg, params, ids, sigma)
-    np.save(args.out, logits)
-    print(json.dumps({"out": args.out, "shape": list(logits.shape)}))
+    print(json.dumps(forward_to_file(args.checkpoint, args.input_ids, args.out, sigma_path=args.sigma)))
     return 0
 
 
+# -- flags ------------------------------------------------------------------------------------------------------
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is not allowed; use an integer >= {low}")
+        return value
+
+    return parse
+
+
+def _real(low: float, high: float | None = None, *, low_open: bool = False, what: str = ""):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        bad = value != value or value in (float("inf"), float("-inf")) or value < low or (low_open and value == low)
+        if high is not None and value > high:
+            bad = True
+        if bad:
+            raise argparse.ArgumentTypeError(f"{text} is not allowed; use {what}")
+        return value
+
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (no usage block) with status 2, like every other user error."""
+
+    def error(self, message):  # noqa: D102
+        self.exit(USER_ERROR_STATUS, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dlmjax", description="Diffusion language models in JAX.")
-    sub = p.add_subparsers(dest="command", required=True)
+    from dlmjax.sampling.choices import CacheKind, Confidence, DreamAlg
+
+    p = _Parser(prog="dlmjax", description="Diffusion language models in JAX.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    positive = _int_at_least(1)
 
     t = sub.add_parser("train", help="train (or resume) a run; prints final metrics as one JSON line")
     t.add_argument("--config", required=True, help="YAML file under configs/")
@@ -226,10 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="bytes per device of a run on N (fake) devices: parameters, optimizer "
                         "state, activations; a table and one JSON line, nothing allocated")
     pl.add_argument("--config", required=True, help="YAML file under configs/")
-    pl.add_argument("--devices", type=int, default=8, help="number of devices of the mesh (default 8)")
+    pl.add_argument("--devices", type=positive, default=8, help="number of devices of the mesh (default 8)")
     pl.add_argument("--platform", choices=["tpu", "gpu", "cpu"], default="tpu",
                     help="sets the memory budget per device: tpu 16 GiB (v5e), gpu 80 GiB (H100), cpu none")
-    pl.add_argument("--hbm-gib", type=float, help="memory per device in GiB (overrides --platform's budget)")
+    pl.add_argument("--hbm-gib", type=_real(0.0, low_open=True, what="a number of GiB > 0"),
+                    help="memory per device in GiB (overrides --platform's budget)")
     pl.add_argument("overrides", nargs="*", help="section.key=value (e.g. mesh.fsdp=16 mesh.data=-1)")
     pl.set_defaults(fn=cmd_plan)
 
@@ -237,32 +189,38 @@ def build_parser() -> argparse.ArgumentParser:
                         "data.kind=packed trains from")
     pk.add_argument("--config", required=True, help="YAML config with the corpus (data.*) and model vocabulary")
     pk.add_argument("--out", required=True, help="new directory for the store")
-    pk.add_argument("--rows-per-file", type=int, default=65536, help="rows per ArrayRecord file")
+    pk.add_argument("--rows-per-file", type=positive, default=65536, help="rows per ArrayRecord file")
     pk.add_argument("overrides", nargs="*", help="section.key=value config overrides")
     pk.set_defaults(fn=cmd_pack)
 
     s = sub.add_parser("sample", help="generate from a checkpoint with the jitted sampler")
-    s.add_argument("--checkpoint", required=True, help="a training workdir or its checkpoints/ folder")
-    s.add_argument("--prompt", help="text prompt (byte tokenizer, BOS prepended)")
-    s.add_argument("--prompt-ids", help="token ids: 1,2,3 or rows 1,2,3;4,5,6")
-    s.add_argument("--gen-length", type=int, help="generated slots (default: the rest of a training row)")
-    s.add_argument("--steps", type=int, help="masked sampler: denoising steps over all blocks")
-    s.add_argument("--block-length", type=int,
+    s.add_argument("--checkpoint", required=True, help="a training workdir, its checkpoints/ folder, or an export")
+    prompt = s.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text prompt, encoded with the run's own tokenizer (BOS first)")
+    prompt.add_argument("--prompt-ids", help="token ids: 1,2,3 or rows 1,2,3;4,5,6")
+    s.add_argument("--gen-length", type=positive, help="generated slots (default: the rest of a training row)")
+    s.add_argument("--steps", type=positive, help="masked sampler: denoising steps over all blocks")
+    s.add_argument("--block-length", type=positive,
                    help="masked sampler: semi-AR block; block sampler (bd3 runs): block size (default: trained)")
-    s.add_argument("--steps-per-block", type=int, help="block sampler: denoising steps per block")
-    s.add_argument("--remasking", choices=["low_confidence", "random", "margin", "entropy"])
-    s.add_argument("--temperature", type=float)
-    s.add_argument("--cfg-scale", type=float, default=0.0, help="classifier-free guidance weight (masked sampler)")
-    s.add_argument("--cache", choices=["none", "prefix", "dual"],
+    s.add_argument("--steps-per-block", type=positive, help="block sampler: denoising steps per block")
+    s.add_argument("--remasking", choices=[str(c) for c in Confidence])
+    s.add_argument("--temperature", type=_real(0.0, what="a number >= 0 (0 is greedy)"))
+    s.add_argument("--cfg-scale", type=_real(0.0, what="a number >= 0 (0 is off)"),
+                   help="classifier-free guidance weight (masked sampler)")
+    s.add_argument("--cache", choices=[str(c) for c in CacheKind],
                    help="masked sampler: Fast-dLLM KV cache (default none)")
-    s.add_argument("--threshold", type=float, help="parallel decoding: commit slots with confidence >= X "
-                   "(Fast-dLLM; with --alg confidence_threshold, Dream's rule)")
-    s.add_argument("--factor", type=float, help="parallel decoding: Fast-dLLM's factor rule")
-    s.add_argument("--alg", choices=["origin", "maskgit_plus", "topk_margin", "entropy", "confidence_threshold"],
+    s.add_argument("--threshold", type=_real(0.0, 1.0, low_open=True, what="a number in (0, 1]"),
+                   help="parallel decoding: commit slots with confidence >= X (Fast-dLLM; with --alg "
+                   "confidence_threshold, Dream's rule)")
+    s.add_argument("--factor", type=_real(0.0, low_open=True, what="a number > 0"),
+                   help="parallel decoding: Fast-dLLM's factor rule")
+    s.add_argument("--alg", choices=[str(a) for a in DreamAlg],
                    help="Dream's diffusion_generate algorithm (one block over the generation by default)")
-    s.add_argument("--alg-temp", type=float, default=0.0, help="Dream: sample committed slots (alg temperature)")
-    s.add_argument("--top-p", type=float, help="nucleus filtering of each proposal")
-    s.add_argument("--top-k", type=int, help="top-k filtering of each proposal")
+    s.add_argument("--alg-temp", type=_real(0.0, what="a number >= 0"),
+                   help="Dream: sample committed slots (alg temperature)")
+    s.add_argument("--top-p", type=_real(0.0, 1.0, low_open=True, what="a number in (0, 1] (1 is off)"),
+                   help="nucleus filtering of each proposal")
+    s.add_argument("--top-k", type=_int_at_least(0), help="top-k filtering of each proposal (0 is off)")
     s.add_argument("--stop-at-eos", action="store_true", help="masked sampler: a row stops after the block "
                    "in which it generated EOS (later slots hold the pad id)")
     s.add_argument("--seed", type=int, default=0)
@@ -272,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="held-out NELBO perplexity and task exact match; prints one JSON line")
     e.add_argument("--checkpoint", required=True)
-    e.add_argument("--show", type=int, default=5, help="print this many sampled problems")
+    e.add_argument("--show", type=_int_at_least(0), default=5, help="print this many sampled problems")
     e.add_argument("overrides", nargs="*", help="section.key=value (e.g. sample.steps=2)")
     e.set_defaults(fn=cmd_eval)
 
@@ -280,7 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     way = c.add_mutually_exclusive_group(required=True)
     way.add_argument("--from-hf", metavar="HF_DIR", help="config.json + model.safetensors (or shards + index)")
     way.add_argument("--to-hf", metavar="CKPT", help="a dlmjax checkpoint (from convert --from-hf, or llada/dream)")
-    c.add_argument("--arch", help="with --from-hf: llada, dream, mdlm or bd3lm")
+    # No argparse `choices`: the interchange checks the value and names what is allowed in its own words.
+    c.add_argument("--arch", help="with --from-hf (required there): the architecture of the folder: llada, dream, "
+                   "mdlm or bd3lm")
     c.add_argument("--out", required=True, help="the new dlmjax checkpoint (--from-hf) or Hugging Face folder")
     c.set_defaults(fn=cmd_convert)
 
@@ -294,13 +254,57 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_combinations(parser: argparse.ArgumentParser, args) -> None:
+    """Flag combinations argparse cannot express, refused before any work."""
+    if args.command == "convert":
+        if args.from_hf is not None and not args.arch:
+            parser.error("argument --arch: dlmjax convert --from-hf needs --arch (llada, dream, mdlm or bd3lm)")
+        if args.to_hf is not None and args.arch:
+            parser.error("argument --arch: dlmjax convert --to-hf takes no --arch (the checkpoint records it)")
+
+
+def user_message(command: str, err: BaseException) -> str:
+    """One line for a user error: a settings field is named by its flag (`--gen-length`)."""
+    from dlmjax.inference import SampleRequest, flag_of
+
+    text = " ".join(str(err).split()) if not isinstance(err, OSError) else _os_message(err)
+    field = getattr(err, "field", None)
+    if command == "sample" and field in {f.name for f in dataclasses.fields(SampleRequest)}:
+        flag = flag_of(field)
+        if flag not in text:
+            text = f"{flag}: {text}"
+    return f"dlmjax {command}: error: {text}"
+
+
+def _os_message(err: OSError) -> str:
+    reason = err.strerror or str(err)
+    if err.filename is not None and str(err.filename) not in reason:
+        return f"{err.filename}: {reason}"
+    return reason
+
+
+def _is_user_os_error(err: OSError) -> bool:
+    """A file the user named that is missing, exists already, or cannot be written (not an internal I/O bug)."""
+    return err.filename is not None or isinstance(err, (FileNotFoundError, FileExistsError, PermissionError))
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        _check_combinations(parser, args)
+    except SystemExit as e:  # a bad flag (one line already printed), or --help
+        return e.code
     try:
         return args.fn(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, CheckpointRestoreError) as e:
-        print(f"dlmjax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except DlmjaxError as e:
+        print(user_message(args.command, e), file=sys.stderr)
+        return USER_ERROR_STATUS
+    except OSError as e:
+        if not _is_user_os_error(e):
+            raise
+        print(user_message(args.command, e), file=sys.stderr)
+        return USER_ERROR_STATUS
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,17 +20,31 @@ import yaml
 from dlmjax.errors import ConfigError  # re-exported: `from dlmjax.config import ConfigError`
 
 
-
-
 def _check_choice(section: str, name: str, value, allowed) -> None:
     if value not in allowed:
         raise ConfigError(f"{section}.{name}={value!r} is not allowed; choose one of {sorted(allowed)}")
 
 
 def _check_positive(section: str, name: str, value, *, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
+    if not (value > 0 or (allow_zero and value == 0)):  # written so that NaN fails too
         bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{section}.{name}={value!r} must be {bound}")
+        raise ConfigError(f"{section}.{name}={value!r} must be {bound}", field=f"{section}.{name}")
+
+
+def _check_range(section: str, name: str, value, low: float, high: float, *, high_open: bool = True) -> None:
+    """`low <= value < high` (or `<= high` with `high_open=False`); NaN fails."""
+    if not (low <= value < high or (not high_open and value == high)):
+        interval = f"[{low}, {high})" if high_open else f"[{low}, {high}]"
+        raise ConfigError(f"{section}.{name}={value!r} must be in {interval}", field=f"{section}.{name}")
+
+
+def _check_finite(section: str, config) -> None:
+    """Every float field of a section is a finite number (a NaN or infinity never means anything here)."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{section}.{f.name}={value!r} is not allowed; give a finite number",
+                              field=f"{section}.{f.name}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,6 +80,7 @@ class ModelConfig:
 
     def __post_init__(self):
         s = "model"
+        _check_finite(s, self)
         _check_choice(s, "arch", self.arch, {"llada", "dream", "dit"})
         _check_positive(s, "cond_dim", self.cond_dim)
         if self.arch == "dit" and self.qkv_bias:
@@ -74,6 +91,8 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "mlp_hidden", "max_seq_len"):
             _check_positive(s, name, getattr(self, name))
         _check_positive(s, "n_kv_heads", self.n_kv_heads, allow_zero=True)
+        for name in ("rope_theta", "norm_eps", "init_std"):
+            _check_positive(s, name, getattr(self, name))
         if self.d_model % self.n_heads:
             raise ConfigError(f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}")
         if self.head_dim % 2:
@@ -97,7 +116,7 @@ class DiffusionConfig:
 
     objective: `llada_sft` (prompt never masked, 1/p weight, normalised by answer length), `llada` (pre-training:
     1/p weight, normalised by B*L), `mdlm` (continuous-time NELBO with SUBS, normalised by valid tokens) or
-    `bd3` (BD3-LM block diffusion, ALGORITHMS.md §2.3: one t per (row, block) in [clip_min, clip_max], mask
+    `bd3` (BD3-LM block diffusion: one noise level t per (row, block) drawn in [clip_min, clip_max], mask
     probability p = t, the model reads [x_t ; x_0]; prompts stay clean). bd3 fixes its own schedule (p = t,
     weight 1/t), so `schedule` and `eps` do not apply to it.
 
@@ -116,6 +135,7 @@ class DiffusionConfig:
     clip_max: float = 1.0
 
     def __post_init__(self):
+        _check_finite("diffusion", self)
         _check_choice("diffusion", "objective", self.objective, {"llada_sft", "llada", "mdlm", "bd3", "masked_ce"})
         _check_choice("diffusion", "schedule", self.schedule, {"linear", "loglinear", "cosine", "llada"})
         if not 0.0 <= self.eps < 0.5:
@@ -130,7 +150,7 @@ class DiffusionConfig:
 class DataConfig:
     """Where the tokens come from.
 
-    kind: `task` (a built-in generated task), `text` (local text files wrapped into rows, `text_path`), `corpus`
+    kind: `task` (a built-in generated task), `text` (local text files wrapped into rows, read from `path`), `corpus`
     (documents read per process from `path` in `format`, tokenized with `tokenizer` and packed with segment ids,
     see `dlmjax.data.sharded`), `packed` (`path` is a store of rows written by `dlmjax pack`, see
     `dlmjax.data.store`) or `sft` (`format=jsonl` records with `prompt_field` / `response_field`).
@@ -143,8 +163,7 @@ class DataConfig:
     digits: int = 3  # addition operands
     pad_answer: bool = False  # addition: zero-pad answers to digits + 1 characters
     min_digits: int = 0  # addition curriculum: train on operands of min_digits..digits digits (0: off)
-    text_path: str = ""  # a file, a folder or a glob, for kind=text
-    path: str = ""  # a file, a folder or a glob, for kind=corpus|sft
+    path: str = ""  # kind=text|corpus|sft: a file, a folder or a glob; kind=packed: the store's folder
     format: str = "text"  # kind=corpus|sft: text | jsonl | parquet | array_record
     text_field: str = "text"  # jsonl field / parquet column holding a document
     prompt_field: str = "prompt"  # kind=sft
@@ -168,10 +187,10 @@ class DataConfig:
         _check_choice("data", "format", self.format, {"text", "jsonl", "parquet", "array_record"})
         _check_choice("data", "record_type", self.record_type, {"text", "tokens"})
         _check_choice("data", "packing", self.packing, {"wrap", "fit"})
-        if self.kind == "text" and not self.text_path:
-            raise ConfigError("data.text_path is empty; data.kind=text needs a file, folder or glob")
-        if self.kind in ("corpus", "sft", "packed") and not self.path:
-            raise ConfigError(f"data.path is empty; data.kind={self.kind} needs a file, folder or glob")
+        if self.kind != "task" and not self.path:
+            what = "the folder of a store written by `dlmjax pack`" if self.kind == "packed" else \
+                "a file, folder or glob"
+            raise ConfigError(f"data.path is empty; data.kind={self.kind} needs {what}", field="data.path")
         if self.kind == "sft" and self.format != "jsonl":
             raise ConfigError(f"data.format={self.format!r} is not allowed with data.kind=sft; choose one of ['jsonl']")
         if self.record_type == "tokens" and self.format != "array_record":
@@ -187,6 +206,12 @@ class DataConfig:
                 raise ConfigError(f"data.{name} is empty; name the field / column to read")
         for name in ("digits", "seq_len", "batch_size", "eval_size"):
             _check_positive("data", name, getattr(self, name))
+        if not 0 <= self.min_digits <= self.digits:
+            raise ConfigError(f"data.min_digits={self.min_digits} must be in [0, data.digits={self.digits}] "
+                              "(0: no curriculum)", field="data.min_digits")
+        if self.kind == "text" and self.seq_len < 3:
+            raise ConfigError(f"data.seq_len={self.seq_len} is too short for data.kind=text: a row needs at least 3 "
+                              "tokens (BOS, one token, EOS)", field="data.seq_len")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -199,7 +224,7 @@ class OptimConfig:
     """
 
     lr: float = 1e-3
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # 0: no warmup
     decay: str = "cosine"
     min_lr_ratio: float = 0.1
     decay_fraction: float = 0.2
@@ -207,17 +232,24 @@ class OptimConfig:
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # global-norm clipping threshold; 0: no clipping
 
     def __post_init__(self):
-        _check_choice("optim", "decay", self.decay, {"cosine", "linear", "constant", "wsd"})
+        s = "optim"
+        _check_finite(s, self)
+        _check_choice(s, "decay", self.decay, {"cosine", "linear", "constant", "wsd"})
         if not 0.0 < self.decay_fraction <= 1.0:
-            raise ConfigError(f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]")
-        _check_positive("optim", "lr", self.lr)
-        _check_positive("optim", "warmup_steps", self.warmup_steps, allow_zero=True)
-        _check_positive("optim", "grad_clip", self.grad_clip, allow_zero=True)
+            raise ConfigError(f"optim.decay_fraction={self.decay_fraction} must be in (0, 1]",
+                              field="optim.decay_fraction")
+        _check_positive(s, "lr", self.lr)
+        _check_positive(s, "warmup_steps", self.warmup_steps, allow_zero=True)
+        _check_positive(s, "grad_clip", self.grad_clip, allow_zero=True)
+        _check_positive(s, "weight_decay", self.weight_decay, allow_zero=True)
+        _check_positive(s, "eps", self.eps)
+        _check_range(s, "b1", self.b1, 0.0, 1.0)
+        _check_range(s, "b2", self.b2, 0.0, 1.0)
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+            raise ConfigError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]", field="optim.min_lr_ratio")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -262,25 +294,31 @@ class CheckpointConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class SampleConfig:
-    """Defaults for `dlmjax sample` / `dlmjax eval`.
+    """Defaults for `dlmjax sample` / `dlmjax eval` and the training loop's final evaluation.
 
     Models trained with `diffusion.objective=bd3` sample with the block sampler (`generate_blocks`, KV cache,
     blocks on the training grid, rows stop at EOS); every other objective with the masked sampler
-    (`generate`, LLaDA's semi-autoregressive blocks over the generated region).
+    (`generate_masked`, LLaDA's semi-autoregressive blocks over the generated region). A length or step count
+    left out (null) takes the default named beside it; 0 is not a length and is refused.
     """
 
-    gen_length: int = 0  # 0: the rest of the row (data.seq_len - prompt)
-    steps: int = 0  # masked sampler: denoising steps over all blocks; 0: one commit per step (= gen_length)
-    block_length: int = 0  # masked sampler: 0 is one block (= gen_length); bd3: 0 is diffusion.block_size
-    steps_per_block: int = 0  # bd3 block sampler: 0 is one commit per step (= block length)
+    gen_length: int | None = None  # null: the rest of the row (data.seq_len - prompt)
+    steps: int | None = None  # masked sampler: denoising steps over all blocks; null: one commit per step
+    block_length: int | None = None  # masked sampler: null is one block (= gen_length); bd3: diffusion.block_size
+    steps_per_block: int | None = None  # bd3 block sampler: null is one commit per step (= block length)
     remasking: str = "low_confidence"
     temperature: float = 0.0
     batch_size: int = 250
 
     def __post_init__(self):
-        _check_choice("sample", "remasking", self.remasking, {"low_confidence", "random"})
+        from dlmjax.sampling.choices import Confidence  # noqa: PLC0415 (a leaf module: enums only)
+
+        _check_choice("sample", "remasking", self.remasking, {str(c) for c in Confidence})
         for name in ("gen_length", "steps", "block_length", "steps_per_block"):
-            _check_positive("sample", name, getattr(self, name), allow_zero=True)
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"sample.{name}={value!r} is not allowed; use an int >= 1, or leave it out "
+                                  f"(null) for the default", field=f"sample.{name}")
         _check_positive("sample", "temperature", self.temperature, allow_zero=True)
         _check_positive("sample", "batch_size", self.batch_size)
 
@@ -422,6 +460,12 @@ class Config:
         if d.block_size and self.data.seq_len % d.block_size:
             raise ConfigError(f"diffusion.block_size={d.block_size} must divide data.seq_len={self.data.seq_len} "
                               f"(0 means one block of data.seq_len)")
+        if self.data.kind == "task":
+            # The run ends by sampling the task's held-out prompts: settings that cannot sample them are refused
+            # now, not after training.
+            from dlmjax.inference import check_sample_config  # noqa: PLC0415 (inference imports this module)
+
+            check_sample_config(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -436,6 +480,10 @@ SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] for f
 def _coerce(section: str, key: str, value: Any, typ: Any):
     """Return `value` as `typ`, or raise a ConfigError naming the key, the value and the expected type."""
     where = f"{section}.{key}"
+    if typing.get_origin(typ) in (typing.Union, types.UnionType) and type(None) in typing.get_args(typ):
+        if value is None:
+            return None  # YAML `null`: the field's documented default
+        (typ,) = [t for t in typing.get_args(typ) if t is not type(None)]
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -443,13 +491,18 @@ def _coerce(section: str, key: str, value: Any, typ: Any):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif typ is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads `3e-4` (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{where}={value!r} is not allowed; give a finite number", field=where)
+            return number
     elif typ is str:
         if isinstance(value, str):
             return value
@@ -485,7 +538,11 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     section, key = lhs.strip().split(".", 1)
     if section not in SECTIONS:
         raise ConfigError(f"override {text!r}: unknown section {section!r}; allowed: {sorted(SECTIONS)}")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(e)}); quote a string "
+                          f"value, e.g. {lhs.strip()}='...'") from None
     return section, key, value
 
 
@@ -493,6 +550,7 @@ def config_from_dict(raw: dict) -> Config:
     """Build and validate a Config from nested dicts (as read from YAML or a checkpoint's config.json)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    raw = _upgrade_legacy(raw)
     for section in raw:
         if section not in SECTIONS:
             raise ConfigError(f"unknown config section {section!r}; allowed: {sorted(SECTIONS)}")
@@ -503,6 +561,22 @@ def config_from_dict(raw: dict) -> Config:
             raise ConfigError(f"config section [{section}] must be a mapping, got {values!r}")
         sections[section] = _build_section(section, values)
     return Config(**sections)
+
+
+def _upgrade_legacy(raw: dict) -> dict:
+    """Configs written before `data.text_path` became `data.path` (a checkpoint's config.json, an old YAML) read
+    as they were meant: the old key moves to the new one."""
+    data = raw.get("data")
+    if not isinstance(data, dict) or "text_path" not in data:
+        return raw
+    data = dict(data)
+    old = data.pop("text_path")
+    if old and data.get("path") and data["path"] != old:
+        raise ConfigError(f"data.text_path={old!r} and data.path={data['path']!r} are both set; data.text_path is "
+                          "the old name of data.path: keep only data.path", field="data.path")
+    if old:
+        data["path"] = old
+    return {**raw, "data": data}
 
 
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
@@ -522,8 +596,16 @@ def apply_overrides(cfg: Config, overrides: typing.Sequence[str]) -> Config:
 def _merge_overrides(raw: dict, overrides: typing.Sequence[str]) -> dict:
     for text in overrides:
         section, key, value = parse_override(text)
-        raw[section] = dict(raw.get(section) or {}, **{key: value})
+        raw[section] = {**(raw.get(section) or {}), key: value}
     return raw
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (line and column, 1-based)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{' '.join(str(problem).split())}"
 
 
 def _read_yaml(path: Path, _seen: tuple = ()) -> dict:
@@ -531,15 +613,26 @@ def _read_yaml(path: Path, _seen: tuple = ()) -> dict:
         raise ConfigError(f"config file {str(path)!r} does not exist")
     if path.resolve() in _seen:
         raise ConfigError(f"config file {str(path)!r} includes itself through 'base'")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    for section, values in raw.items():
+        if section != "base" and values is not None and not isinstance(values, dict):
+            raise ConfigError(f"config file {str(path)!r}: section [{section}] must be a mapping of keys to values, "
+                              f"got {values!r}")
     base = raw.pop("base", None)
     if base is None:
         return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"config file {str(path)!r}: base={base!r} must be the path of another YAML file")
     merged = _read_yaml(path.parent / base, _seen + (path.resolve(),))
     for section, values in raw.items():
-        merged[section] = dict(merged.get(section) or {}, **(values or {}))
+        merged[section] = {**(merged.get(section) or {}), **(values or {})}
     return merged
 
 

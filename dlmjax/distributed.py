@@ -46,7 +46,7 @@ class DistributedConfigError(DistributedError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class LaunchPlan:
     """How to call `jax.distributed.initialize`; `source` is `explicit`, `slurm` or `auto` (JAX detects all)."""
 
     source: str
@@ -65,7 +65,7 @@ class Plan:
         return kw
 
 
-_done: Plan | None = None  # the plan this process initialized with
+_done: LaunchPlan | None = None  # the plan this process initialized with
 
 
 def _int(env: Mapping[str, str], name: str, *, minimum: int) -> int:
@@ -98,7 +98,7 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]  # zero padding of the range start is kept
 
 
-def _explicit(env: Mapping[str, str]) -> Plan:
+def _explicit(env: Mapping[str, str]) -> LaunchPlan:
     missing = [n for n in EXPLICIT if not env.get(n)]
     given = [f"{n}={env[n]!r}" for n in EXPLICIT if env.get(n)]
     if missing:
@@ -117,10 +117,10 @@ def _explicit(env: Mapping[str, str]) -> Plan:
         except ValueError:
             raise DistributedConfigError(f"{LOCAL_DEVICE_IDS}={env[LOCAL_DEVICE_IDS]!r} must be comma-separated "
                                          f"device numbers, e.g. 0,1") from None
-    return Plan("explicit", _check_address(COORDINATOR, env[COORDINATOR]), n, pid, ids)
+    return LaunchPlan("explicit", _check_address(COORDINATOR, env[COORDINATOR]), n, pid, ids)
 
 
-def _slurm(env: Mapping[str, str]) -> Plan:
+def _slurm(env: Mapping[str, str]) -> LaunchPlan:
     n = _int(env, "SLURM_NTASKS", minimum=1)
     if not env.get("SLURM_STEP_NODELIST"):
         raise DistributedConfigError(f"SLURM_NTASKS={env['SLURM_NTASKS']!r} but SLURM_STEP_NODELIST is unset: start "
@@ -137,7 +137,7 @@ def _slurm(env: Mapping[str, str]) -> Plan:
         port = _int(env, COORDINATOR_PORT, minimum=1)
     else:
         port = SLURM_BASE_PORT + _int(env, "SLURM_JOB_ID", minimum=0) % 1000
-    return Plan("slurm", f"{first_host(env['SLURM_STEP_NODELIST'])}:{port}", n, pid)
+    return LaunchPlan("slurm", f"{first_host(env['SLURM_STEP_NODELIST'])}:{port}", n, pid)
 
 
 def on_tpu_vm(env: Mapping[str, str] = os.environ) -> bool:
@@ -149,7 +149,7 @@ def on_tpu_vm(env: Mapping[str, str] = os.environ) -> bool:
     return bool(devices) and importlib.util.find_spec("libtpu") is not None
 
 
-def plan(env: Mapping[str, str] = os.environ) -> Plan | None:
+def launch_plan(env: Mapping[str, str] = os.environ) -> LaunchPlan | None:
     """What `maybe_initialize` would do in `env` (None: stay a single process). Raises on a half-configured job."""
     switch = env.get(SWITCH, "").strip().lower()
     if switch and switch not in _OFF + _ON + ("auto",):
@@ -165,23 +165,23 @@ def plan(env: Mapping[str, str] = os.environ) -> Plan | None:
     if env.get("SLURM_NTASKS") and env.get("SLURM_NTASKS") != "1" and "SLURM_JOB_ID" in env:
         return _slurm(env)
     if switch in _ON or on_tpu_vm(env):
-        return Plan("auto")
+        return LaunchPlan("auto")
     return None
 
 
-def maybe_initialize(env: Mapping[str, str] | None = None) -> Plan | None:
+def maybe_initialize(env: Mapping[str, str] | None = None) -> LaunchPlan | None:
     """Join the multi-process job described by the environment (see the module doc); returns the plan used.
 
     Call before anything touches a JAX device. Calling it again is a no-op that returns the same plan; so is
-    calling it after someone else initialized `jax.distributed` (returns `Plan("external")`).
+    calling it after someone else initialized `jax.distributed` (returns `LaunchPlan("external")`).
     """
     global _done
     if _done is not None:
         return _done
     if jax.distributed.is_initialized():
-        _done = Plan("external")
+        _done = LaunchPlan("external")
         return _done
-    chosen = plan(os.environ if env is None else env)
+    chosen = launch_plan(os.environ if env is None else env)
     if chosen is None:
         return None
     # gloo is JAX's default CPU collectives today; set it explicitly so a changed default cannot silently
@@ -207,4 +207,4 @@ def maybe_initialize(env: Mapping[str, str] | None = None) -> Plan | None:
     return chosen
 
 
-__all__ = ["DistributedConfigError", "Plan", "first_host", "maybe_initialize", "on_tpu_vm", "plan"]
+__all__ = ["DistributedConfigError", "LaunchPlan", "first_host", "maybe_initialize", "launch_plan", "on_tpu_vm"]

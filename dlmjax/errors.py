@@ -12,9 +12,19 @@ type but a wrong value), except the checkpoint errors, which are about files on 
 """
 from __future__ import annotations
 
+import re
+
 
 class DlmjaxError(Exception):
-    """A user error: the message says what was given, where, and what is allowed."""
+    """A user error: the message says what was given, where, and what is allowed.
+
+    `field`, when set, is the setting the message is about in the library's words (`gen_length`), so that a front
+    end can name it in its own (`--gen-length`).
+    """
+
+    def __init__(self, message: str = "", *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 class ConfigError(DlmjaxError, ValueError):
@@ -22,7 +32,16 @@ class ConfigError(DlmjaxError, ValueError):
 
 
 class SettingsError(DlmjaxError, ValueError):
-    """A sampler setting or a sampling request (prompt, lengths, token ids) is not allowed."""
+    """A sampler setting or a sampling request (prompt, lengths, token ids) is not allowed.
+
+    A message that starts `SamplerSettings.gen_length=...` names its field; `field` defaults to that name.
+    """
+
+    def __init__(self, message: str = "", *, field: str | None = None):
+        if field is None:
+            named = re.match(r"\w+\.(\w+)=", message)
+            field = named.group(1) if named else None
+        super().__init__(message, field=field)
 
 
 class InputError(DlmjaxError, ValueError):

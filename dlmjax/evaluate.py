@@ -1,8 +1,9 @@
-"""Held-out evaluation: NELBO per token (and its perplexity) and task exact match with the jitted samplers.
+"""Held-out evaluation: NELBO per token (and its perplexity), pooled over processes, and task exact match.
 
-`sample(cfg, params, prompt, rng)` is the one place that picks the sampler a run was trained for: the block
-sampler (`generate_blocks`, exact KV cache) for `diffusion.objective=bd3`, the masked sampler (`generate`)
-otherwise. `dlmjax eval`, `dlmjax sample` and the training loop's final evaluation all go through it.
+`evaluate(cfg, params, eval_data)` reads only held-out rows (`dlmjax.data.load_eval_data`, or the ones the
+training loop already holds); `evaluate_checkpoint(path, overrides)` is `dlmjax eval`. Exact match samples the
+task's held-out prompts through the sampler front door (`dlmjax.inference`), with the sampler the run was trained
+for and the token ids of its tokenizer.
 """
 from __future__ import annotations
 
@@ -13,61 +14,75 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
-from dlmjax.config import Config
-from dlmjax.data.tokenizer import ByteTokenizer
-from dlmjax.models.transformer import Denoiser
-from dlmjax.sampling import BlockSamplerSettings, SamplerSettings, generate, generate_blocks, generate_blocks_uncached
+from dlmjax.config import Config, apply_overrides
+from dlmjax.data.build import EvalData, load_eval_data, per_process
+from dlmjax.data.pipeline import make_eval_batches
+from dlmjax.data.tasks import heldout
+from dlmjax.inference import sample, sampler_settings, special_tokens
+from dlmjax.sampling import BlockSamplerSettings
 
 
-def uses_block_sampler(cfg: Config) -> bool:
-    return cfg.diffusion.objective == "bd3"
+def evaluate(cfg: Config, params, eval_data: EvalData | None = None, *, eval_step=None, n_batches=None,
+             exact_match: bool = True, show_examples: int = 0, log=print) -> dict:
+    """Held-out NELBO per token and, for tasks, exact match of the jitted sampler on `data.eval_size` problems.
 
-
-def sampler_settings(cfg: Config, prompt_len: int) -> SamplerSettings | BlockSamplerSettings:
-    """The run's sampler settings for prompts of `prompt_len` slots (padding included).
-
-    Defaults fill the rest of a training row (`data.seq_len - prompt_len` slots) one token per step.
+    `eval_data` defaults to `load_eval_data(cfg)` (held-out rows only). With the per-process kinds (corpus, sft,
+    packed) in a multi-process job each process holds out its own rows and the NELBO is pooled over all of them
+    (every process must call this). `n_batches` limits the NELBO to the first eval batches (the periodic
+    estimate during training); `exact_match=False` skips sampling.
     """
-    gen = cfg.sample.gen_length or (cfg.data.seq_len - prompt_len)
-    if gen <= 0:
-        raise ValueError(f"sample.gen_length resolves to {gen}: the prompt ({prompt_len} tokens) fills "
-                         f"data.seq_len={cfg.data.seq_len}; set sample.gen_length")
-    if uses_block_sampler(cfg):
-        block = cfg.sample.block_length or cfg.diffusion.block_size or cfg.data.seq_len
-        max_length = prompt_len + gen
-        if max_length % block:
-            raise ValueError(
-                f"prompt ({prompt_len} tokens) + sample.gen_length ({gen}) = {max_length} is not a multiple of the "
-                f"block length {block} (sample.block_length, else diffusion.block_size); choose gen_length so that "
-                f"the row ends on a block boundary, e.g. {gen + (-max_length % block)}")
-        return BlockSamplerSettings(max_length=max_length, block_length=block,
-                                    steps_per_block=cfg.sample.steps_per_block or None,
-                                    remasking=cfg.sample.remasking, temperature=cfg.sample.temperature,
-                                    mask_id=cfg.diffusion.mask_id, eos_id=ByteTokenizer.eos_id)
-    return SamplerSettings(gen_length=gen, steps=cfg.sample.steps or gen,
-                           block_length=cfg.sample.block_length or gen, remasking=cfg.sample.remasking,
-                           temperature=cfg.sample.temperature, mask_id=cfg.diffusion.mask_id)
+    from dlmjax.train.step import as_batch, make_eval_step  # noqa: PLC0415 (train imports this module)
+
+    records, tokenizer, task = eval_data if eval_data is not None else load_eval_data(cfg)
+    eval_step = eval_step or make_eval_step(cfg.model, cfg.diffusion)
+    batches = [as_batch(b) for b in make_eval_batches(records, cfg.data.batch_size)]
+    if n_batches is not None:
+        batches = batches[:n_batches]
+    rng = jax.random.PRNGKey(cfg.train.seed + 1)
+    result = heldout_nelbo(eval_step, params, batches, rng)
+    if per_process(cfg) and jax.process_count() > 1:
+        result = pooled_over_processes(result)  # each process held out its own rows: report all of them
+    if task is not None and exact_match:
+        problems = heldout(task, cfg.data.eval_size, cfg.data.seed)
+        em, preds = task_exact_match(cfg, params, task, problems, tokenizer, jax.random.fold_in(rng, 7),
+                                     return_predictions=True)
+        result.update(em)
+        for prob, pred in list(zip(problems, preds))[:show_examples]:
+            mark = "ok " if task.score(pred, prob) else "BAD"
+            log(f"  {mark} {prob.prompt}{pred}   (expected {prob.answer})")
+    return result
 
 
-def sample(cfg: Config, params, prompt, rng, *, settings=None, prompt_mask=None, cached: bool = True):
-    """Samples continuations of equal-width `prompt` int[B, W] with the run's sampler.
+def evaluate_checkpoint(path, overrides=(), *, show_examples: int = 5, log=print) -> dict:
+    """`dlmjax eval`: `evaluate` the checkpoint at `path` (a workdir, its checkpoints/ folder or an export) with
+    `section.key=value` overrides applied to its config; reads only the held-out rows."""
+    from dlmjax.checkpoint import load  # noqa: PLC0415 (orbax only when a checkpoint is read)
 
-    Returns (tokens int32[B, W + G]: prompt then generated slots, nfe int32). With `prompt_mask` (left padding)
-    the block sampler returns each row's prompt without padding followed by its generation (see
-    `generate_blocks`); the masked sampler keeps the padding in place. `cached=False` runs the block sampler's
-    uncached twin (same tokens, for checking and benchmarks).
-    """
-    prompt = jnp.asarray(prompt, jnp.int32)
-    settings = settings or sampler_settings(cfg, prompt.shape[1])
-    if isinstance(settings, SamplerSettings) and prompt.shape[1] + settings.gen_length > cfg.model.max_seq_len:
-        raise ValueError(f"prompt ({prompt.shape[1]} tokens) + gen_length ({settings.gen_length}) = "
-                         f"{prompt.shape[1] + settings.gen_length} exceeds the model's context "
-                         f"model.max_seq_len={cfg.model.max_seq_len}")
-    if isinstance(settings, BlockSamplerSettings):
-        fn = generate_blocks if cached else generate_blocks_uncached
-        return fn(cfg.model, params, prompt, settings, rng, prompt_mask=prompt_mask)
-    return generate(Denoiser(cfg.model), params, prompt, settings, rng, prompt_mask=prompt_mask)
+    cfg, params = load(path)
+    if overrides:
+        cfg = apply_overrides(cfg, overrides)
+    return evaluate(cfg, params, load_eval_data(cfg), show_examples=show_examples, log=log)
+
+
+def params_for_evaluation(params):
+    """Parameters usable by this process's evaluation and sampler alone (a full host copy when they span
+    several processes). Every process evaluates its held-out rows (the same for tasks and text; its own shard's
+    for corpus/sft/packed, pooled by `pooled_over_processes`); only process 0 reports."""
+    if jax.process_count() == 1:
+        return params
+    return multihost_utils.process_allgather(params, tiled=True)
+
+
+def pooled_over_processes(result: dict) -> dict:
+    """The held-out NELBO over every process's eval rows: a token-weighted mean of the per-process means (one
+    collective; every process calls it, with eval batch counts that may differ)."""
+    nelbos = np.asarray(multihost_utils.process_allgather(np.float32(result["nelbo_per_token"])), np.float64)
+    counts = np.asarray(multihost_utils.process_allgather(np.int32(result["eval_tokens"])), np.int64)
+    count = int(counts.sum())
+    nelbo = float((nelbos * counts).sum() / max(count, 1))
+    return {**result, "nelbo_per_token": nelbo, "ppl": math.exp(min(nelbo, 50.0)), "eval_tokens": count}
 
 
 def heldout_nelbo(eval_step, params, batches, rng) -> dict:
@@ -82,7 +97,8 @@ def heldout_nelbo(eval_step, params, batches, rng) -> dict:
 
 
 def tokens_before_eos(generated: np.ndarray, eos_id: int) -> int:
-    """Generated tokens before each row's first EOS, summed (the throughput numerator, ALGORITHMS.md §6.4)."""
+    """Generated tokens before each row's first EOS, summed: the numerator of sampling throughput (tokens after
+    EOS are padding, not output, so they do not count)."""
     is_eos = generated == eos_id
     first = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1), generated.shape[1])
     return int(first.sum())
@@ -97,7 +113,7 @@ def task_exact_match(cfg: Config, params, task, problems, tokenizer, rng, *, ret
     counts generated tokens before EOS.
     """
     prompts = np.asarray([tokenizer.encode(p.prompt, bos=True) for p in problems], np.int32)
-    settings = sampler_settings(cfg, prompts.shape[1])
+    settings = sampler_settings(cfg, special_tokens(cfg, tokenizer=tokenizer), prompts.shape[1])
     bs = min(cfg.sample.batch_size, len(problems))
     chunks = []
     for start in range(0, len(problems), bs):

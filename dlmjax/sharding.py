@@ -8,12 +8,16 @@ Divisibility: `jax.jit` refuses an argument sharding whose dimension is not divi
 so when a dimension does not divide, `resolve_spec` drops mesh axes of that dimension from the last one backwards
 until it divides (in the end: replicated). `replicated_report` lists the parameters this leaves fully
 replicated, and every parameter above a size threshold that is fully replicated for whatever reason.
+
+Batch placement: `global_batch` turns the host batch of a train step into one global `[batch, length]` array per
+key on the mesh, in one process or many (see its docstring).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import math
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
@@ -22,8 +26,9 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
 from dlmjax.config import LOGICAL_RULES, MESH_AXES, ConfigError, LogicalRules, MeshConfig
 
-__all__ = ["LOGICAL_RULES", "MESH_AXES", "ReplicatedParam", "abstract_mesh", "activation_rules", "batch_sharding",
-           "logical_to_sharding", "make_mesh", "mesh_shape", "replicated", "replicated_report", "resolve_spec"]
+__all__ = ["LOGICAL_RULES", "MESH_AXES", "ReplicatedParam", "abstract_mesh", "activation_rules",
+           "assemble_global_batch", "batch_sharding", "global_batch", "logical_to_sharding", "make_mesh", "mesh_shape",
+           "process_rows", "replicated", "replicated_report", "resolve_spec"]
 
 
 def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
@@ -98,6 +103,45 @@ def batch_sharding(mesh: Mesh, rules: LogicalRules = LOGICAL_RULES) -> NamedShar
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def process_rows(sharding, shape: tuple[int, ...]) -> np.ndarray:
+    """Indices of the global batch rows held by this process's devices, in the order
+    `jax.make_array_from_process_local_data` expects them (ascending; rows replicated on several local devices once)."""
+    starts = sorted({(idx[0].start or 0, shape[0] if idx[0].stop is None else idx[0].stop)
+                     for idx in sharding.addressable_devices_indices_map(shape).values()})
+    return np.concatenate([np.arange(a, b) for a, b in starts])
+
+
+def global_batch(host: Mapping[str, np.ndarray], sharding, *, per_process: bool = False) -> dict[str, jax.Array]:
+    """A train step's `[batch, length]` arrays on the mesh, from host (numpy) arrays.
+
+    One process: `host` goes straight to the mesh. Several processes: each reads the same global batch from the
+    deterministic pipeline and hands over only the rows its devices hold (disjoint across data-parallel
+    processes), so a multi-process run sees the same data as a single process. With `per_process` (data.kind
+    corpus / sft / packed) `host` is already this process's own `[batch / processes, length]` rows
+    (`dlmjax.data.sharded`) and becomes its slice of the global batch (`assemble_global_batch`).
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(dict(host), sharding)  # straight to the mesh: no stop on the default device
+    if per_process:
+        return assemble_global_batch(host, sharding)
+    rows = process_rows(sharding, np.shape(host["tokens"]))
+    return {k: jax.make_array_from_process_local_data(sharding, v[rows], v.shape) for k, v in host.items()}
+
+
+def assemble_global_batch(local_batch: Mapping[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+    """One global `[batch_size, L]` array per key from every process's `[batch_size / count, L]` rows.
+
+    `sharding` splits the batch axis over processes (the data-parallel `batch_sharding`); process p's rows
+    become global rows `[p * b, (p + 1) * b)` on its devices.
+    """
+    out = {}
+    for key, value in local_batch.items():
+        value = np.asarray(value)
+        global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
+        out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
+    return out
 
 
 @contextlib.contextmanager

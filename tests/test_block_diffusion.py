@@ -23,7 +23,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def naive_mask(length, block_size):
-    """The definition of ALGORITHMS.md §2.3, one (query, key) pair at a time."""
+    """The BD3 training mask by its definition (M_BD | M_OBC | M_BC), one (query, key) pair at a time."""
     n = 2 * length
     mask = np.zeros((n, n), bool)
     for q in range(n):

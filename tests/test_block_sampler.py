@@ -2,7 +2,7 @@
 
 The slow twins: a full forward under an explicit dense BD3 mask (for the cache), `generate_blocks_uncached`
 (for the sampler), and a plain Python greedy loop over a growing prefix (for AR). Random draws are the same
-keys on both sides (ALGORITHMS.md §5.4), never compared as streams.
+keys on both sides, never compared as streams.
 """
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ from dlmjax.config import ModelConfig
 from dlmjax.diffusion.block import two_stream_inputs
 from dlmjax.models.attention import BlockCausalMask, Bd3TrainingMask
 from dlmjax.models.transformer import Transformer, init_cache, init_params
-from dlmjax.sampling import BlockSamplerSettings, filter_logits, generate_blocks, generate_blocks_uncached
+from dlmjax.sampling import BlockSamplerSettings, Denoiser, SpecialTokens, filter_logits
+from dlmjax.sampling import generate_blocks as _generate_blocks
+from dlmjax.sampling import generate_blocks_uncached as _generate_blocks_uncached
 
 # init_std well above the default so that random weights make peaked, varied predictions: near-uniform
 # logits would make the token-exact comparisons hinge on float ties.
@@ -29,9 +31,17 @@ MASK_ID = 39
 PARAMS = jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(0))
 
 
+def generate_blocks(config, *args, **kwargs):
+    return _generate_blocks(Denoiser(config), *args, **kwargs)
+
+
+def generate_blocks_uncached(config, *args, **kwargs):
+    return _generate_blocks_uncached(Denoiser(config), *args, **kwargs)
+
+
 def make_settings(**kwargs) -> BlockSamplerSettings:
     kwargs.setdefault("mask_id", MASK_ID)
-    return BlockSamplerSettings(**kwargs)
+    return BlockSamplerSettings.bd3(**kwargs)
 
 
 def make_prompt(lengths, seed=1):
@@ -259,7 +269,7 @@ def test_eos_stops_a_row_and_freezes_it_while_others_continue():
     assert candidates, f"no usable EOS in this toy run: {base}"
     eos = int(candidates[0])
     pad = next(t for t in range(MASK_ID) if t != eos)
-    settings = dataclasses.replace(BATCH_SETTINGS, eos_id=eos, pad_id=pad)
+    settings = dataclasses.replace(BATCH_SETTINGS, tokens=SpecialTokens(mask_id=MASK_ID, eos_id=eos, pad_id=pad))
 
     tokens, nfe = generate_blocks(CFG, PARAMS, prompt, settings, jax.random.key(0), prompt_mask=prompt_mask)
     twin, _ = generate_blocks_uncached(CFG, PARAMS, prompt, settings, jax.random.key(0), prompt_mask=prompt_mask)
@@ -331,7 +341,7 @@ def test_errors_name_the_problem():
         generate_blocks(CFG, PARAMS, np.zeros((1, 6), np.int32), dataclasses.replace(settings, cache_length=11),
                         jax.random.key(0))
     with pytest.raises(ValueError, match="mask_id=40 is not a token of the model"):
-        generate_blocks(CFG, PARAMS, np.zeros((1, 6), np.int32), dataclasses.replace(settings, mask_id=40),
+        generate_blocks(CFG, PARAMS, np.zeros((1, 6), np.int32), dataclasses.replace(settings, tokens=SpecialTokens(mask_id=40)),
                         jax.random.key(0))
     with pytest.raises(ValueError, match=r"prompt_mask must have the prompt's shape \[1, 6\]"):
         generate_blocks(CFG, PARAMS, np.zeros((1, 6), np.int32), settings, jax.random.key(0),

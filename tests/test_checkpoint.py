@@ -21,24 +21,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dlmjax.checkpoint import (CheckpointRestoreError, Checkpointer, CheckpointWarning, TMP_MARKER,
-                               UNREADABLE_SUFFIX, load, save_params)
-from dlmjax.config import CheckpointConfig, ConfigError, load_config
+from conftest import DEMO_CONFIG as DEMO, TINY_RUN, tiny_run_config as tiny
+from dlmjax.checkpoint import Checkpointer, CheckpointWarning, TMP_MARKER, UNREADABLE_SUFFIX, load, save_params
+from dlmjax.config import CheckpointConfig, ConfigError
+from dlmjax.errors import CheckpointError, CheckpointRestoreError, InputError
 from dlmjax.sharding import make_mesh
-from dlmjax.train.loop import PREEMPTED_EXIT_STATUS
+from dlmjax.train.result import PREEMPTED_EXIT_STATUS
 from dlmjax.train.state import abstract_train_state, init_train_state, make_optimizer
 
 # Failed restores (on purpose, below) leave orbax/tensorstore coroutines that are never awaited.
 pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = str(REPO / "configs" / "demo.yaml")
-TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.mlp_hidden=64", "data.batch_size=8",
-        "data.eval_size=8", "sample.batch_size=8", "train.progress=false", "train.log_every=1"]
-
-
-def tiny(*extra):
-    return load_config(DEMO, TINY + list(extra))
+TINY = list(TINY_RUN)
 
 
 def _records(workdir, split="train"):
@@ -225,12 +219,12 @@ def test_when_no_step_restores_the_error_lists_them_and_nothing_is_moved(tmp_pat
 
 
 def test_sigterm_flag_is_set_instead_of_dying_and_the_previous_handler_comes_back():
-    from dlmjax.train.loop import _sigterm_flag
+    from dlmjax.train.preemption import sigterm_flag
 
     sentinel = lambda signum, frame: None  # noqa: E731
     previous = signal.signal(signal.SIGTERM, sentinel)
     try:
-        with _sigterm_flag() as flag:
+        with sigterm_flag() as flag:
             assert not flag.is_set()
             os.kill(os.getpid(), signal.SIGTERM)
             deadline = time.time() + 5

@@ -52,8 +52,8 @@ def test_bad_values_name_the_key_and_what_is_allowed(override, pattern):
 
 def test_impossible_combinations():
     with pytest.raises(ConfigError, match="llada_sft needs prompts"):
-        load_config(None, ["data.kind=text", "data.text_path=x.txt", "diffusion.objective=llada_sft"])
-    with pytest.raises(ConfigError, match="data.text_path is empty"):
+        load_config(None, ["data.kind=text", "data.path=x.txt", "diffusion.objective=llada_sft"])
+    with pytest.raises(ConfigError, match="data.path is empty"):
         load_config(None, ["data.kind=text", "diffusion.objective=llada"])
     with pytest.raises(ConfigError, match="objective=mdlm needs an alpha"):
         load_config(None, ["diffusion.objective=mdlm", "diffusion.schedule=llada"])
@@ -90,3 +90,64 @@ def test_configs_are_frozen_and_round_trip():
     from dlmjax.config import config_from_dict
     assert config_from_dict(cfg.to_dict()) == cfg
     assert replace(cfg, train={"steps": 3}).train.steps == 3
+
+
+# ---- inputs that can't hurt a run ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, field", [
+    ("optim.lr=nan", "optim.lr"), ("optim.lr=.inf", "optim.lr"), ("optim.lr=-1e-3", "optim.lr"),
+    ("optim.b1=1.0", "optim.b1"), ("optim.b1=-0.1", "optim.b1"), ("optim.b2=1.5", "optim.b2"),
+    ("optim.eps=0", "optim.eps"), ("optim.weight_decay=-0.01", "optim.weight_decay"),
+    ("optim.grad_clip=inf", "optim.grad_clip"), ("optim.grad_clip=-1", "optim.grad_clip"),
+    ("model.rope_theta=.nan", "model.rope_theta"), ("model.norm_eps=0", "model.norm_eps"),
+    ("model.init_std=-0.02", "model.init_std"), ("diffusion.eps=nan", "diffusion.eps"),
+    ("diffusion.clip_max=.inf", "diffusion.clip_max"), ("data.min_digits=4", "data.min_digits"),
+    ("data.seq_len=0", "data.seq_len"), ("train.steps=0", "train.steps"), ("train.log_every=0", "train.log_every"),
+])
+def test_out_of_range_and_non_finite_values_are_refused(override, field):
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "demo.yaml", [override])
+    message = str(e.value)
+    assert message.startswith(f"{field}=") and "\n" not in message, message
+
+
+def test_non_finite_floats_are_refused_when_a_section_is_built_directly():
+    from dlmjax.config import DiffusionConfig, ModelConfig, OptimConfig
+
+    for build in (lambda: OptimConfig(lr=float("nan")), lambda: OptimConfig(b2=float("nan")),
+                  lambda: ModelConfig(init_std=float("inf")), lambda: DiffusionConfig(clip_min=float("nan"))):
+        with pytest.raises(ConfigError, match="finite|must be"):
+            build()
+
+
+def test_yaml_syntax_errors_name_the_file_and_the_line(tmp_path):
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("model:\n  d_model: 64\n  n_layers: [2\ntrain:\n  steps: 3\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    message = str(e.value)
+    assert str(bad) in message and "line 4" in message and "\n" not in message, message
+    (tmp_path / "child.yaml").write_text("base: broken.yaml\n")
+    with pytest.raises(ConfigError, match="broken.yaml.*line 4"):
+        load_config(tmp_path / "child.yaml")  # the file at fault is named, not the one that included it
+    bad.write_bytes(b"model:\n  d_model: \xff\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(bad)
+    bad.write_text("model: 64\n")
+    with pytest.raises(ConfigError, match=r"section \[model\] must be a mapping"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"override 'train.steps=\[1': the value is not valid YAML"):
+        load_config(None, ["train.steps=[1"])
+
+
+def test_data_path_is_one_field_for_every_kind_and_the_old_name_still_reads():
+    assert load_config(None, ["data.kind=text", "data.path=notes/", "diffusion.objective=mdlm",
+                              "diffusion.schedule=linear"]).data.path == "notes/"
+    from dlmjax.config import config_from_dict
+
+    saved = load_config(None).to_dict()  # a checkpoint's config.json from before the rename
+    saved["data"] = {**{k: v for k, v in saved["data"].items() if k != "path"}, "kind": "text", "text_path": "a.txt"}
+    saved["diffusion"].update(objective="mdlm", schedule="linear")
+    assert config_from_dict(saved).data.path == "a.txt"
+    with pytest.raises(ConfigError, match="data.text_path is the old name of data.path"):
+        config_from_dict({**saved, "data": {**saved["data"], "path": "b.txt"}})

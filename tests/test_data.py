@@ -409,17 +409,17 @@ def test_build_data_task_and_text(tmp_path):
     assert all(in_eval_split(problem_from_record(r, tok)) for r in evals)
     assert next(iter(train))["tokens"].shape == (4, 12)
     (tmp_path / "a.txt").write_text("hello world " * 20)
-    train, evals, _, task = build_data(kind="text", text_path=str(tmp_path), seq_len=12, batch_size=2, seed=0)
+    train, evals, _, task = build_data(kind="text", path=str(tmp_path), seq_len=12, batch_size=2, seed=0)
     assert task is None and len(evals) == 1 and next(iter(train))["tokens"].shape == (2, 12)
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(kind="image"), r"kind='image'.*\['task', 'text'\]"),
     (dict(kind="task"), "needs a task name"),
-    (dict(kind="task", task="addition", text_path="x.txt"), "text_path='x.txt'"),
+    (dict(kind="task", task="addition", path="x.txt"), "path='x.txt'"),
     (dict(kind="task", task="addition", seq_len=8), r"seq_len=8 .* at least 14"),
-    (dict(kind="text"), "needs text_path"),
-    (dict(kind="text", text_path="x.txt", task="addition"), "task='addition'"),
+    (dict(kind="text"), "needs path"),
+    (dict(kind="text", path="x.txt", task="addition"), "task='addition'"),
     (dict(kind="task", task="addition", batch_size=0), "batch_size=0"),
 ])
 def test_build_data_errors(kwargs, match):

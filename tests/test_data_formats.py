@@ -22,7 +22,6 @@ from dlmjax.data import (
     HFTokenizer,
     ProcessShard,
     SentencePieceTokenizer,
-    assemble_global_batch,
     build_sharded_data,
     check_model_vocab,
     load_tokenizer,
@@ -30,7 +29,9 @@ from dlmjax.data import (
     shard_range,
 )
 from dlmjax.diffusion import forward
-from dlmjax.train.loop import load_data, train_and_evaluate
+from dlmjax.data import load_data
+from dlmjax.sharding import assemble_global_batch
+from dlmjax.train.loop import train_and_evaluate
 from dlmjax.train.objective import _protected
 
 DOCS = [f"doc-{i:03d}: the quick brown fox {'jumps ' * (i % 5)}over the lazy dog. café ∑ {i}" for i in range(23)]
@@ -279,7 +280,7 @@ def test_sft_rows_prompt_never_masked(tmp_path):
     (["data.kind=corpus", "data.path=x", "diffusion.objective=llada_sft"], "diffusion.objective=llada_sft"),
     (["data.kind=dataset"], "data.kind='dataset'"),
     (["data.kind=corpus", "data.path=x", "data.packing=greedy"], "data.packing='greedy'"),
-    (["data.kind=text", "data.text_path=x.txt", "data.tokenizer=t.json"], "data.tokenizer='t.json'"),
+    (["data.kind=text", "data.path=x.txt", "data.tokenizer=t.json"], "data.tokenizer='t.json'"),
 ])
 def test_config_errors_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace("*", r"\*").replace(".", r"\.")):
@@ -327,7 +328,8 @@ import jax, numpy as np
 from dlmjax import distributed
 distributed.maybe_initialize()
 from jax.experimental import multihost_utils
-from dlmjax.data import ByteTokenizer, assemble_global_batch, build_sharded_data
+from dlmjax.data import ByteTokenizer, build_sharded_data
+from dlmjax.sharding import assemble_global_batch
 train, _, tok, _ = build_sharded_data(kind="corpus", path=sys.argv[1], fmt="jsonl", tokenizer=ByteTokenizer(),
                                       seq_len=128, batch_size=4, seed=0, block_size=8, text_field="body")
 local = next(iter(train))

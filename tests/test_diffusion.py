@@ -1,7 +1,7 @@
 """Tests for dlmjax.diffusion: schedules, the forward process, and the MDLM / LLaDA losses.
 
 Golden values come from the PyTorch originals (tests/golden/tiny_mdlm/, see tests/golden/README.md);
-the rest are held against closed forms or naive float64 numpy loops written from ALGORITHMS.md §1-2.
+the rest are held against closed forms or naive float64 numpy loops written from the papers' definitions.
 
 About the tiny_mdlm fixture: `golden_logits.npy` is `DiT(x_t, sigma)` with sigma = (0.7, 2.3), but the
 reference's SUBS log-probs and loss were computed from `DiT(x_t, 0)` (time conditioning is off, so the

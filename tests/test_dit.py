@@ -23,7 +23,7 @@ from dlmjax.interchange.errors import InterchangeError
 from dlmjax.models.attention import Bd3TrainingMask, BlockCausalMask, FullMask
 from dlmjax.models.dit import DiT
 from dlmjax.models.transformer import build_model, init_cache, init_params
-from dlmjax.sampling import BlockSamplerSettings, generate_blocks, generate_blocks_uncached
+from dlmjax.sampling import BlockSamplerSettings, Denoiser, generate_blocks, generate_blocks_uncached
 from dlmjax.train.objective import bd3_loss_terms
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
@@ -331,10 +331,10 @@ def test_cached_block_sampling_equals_uncached_token_for_token():
     params = _tiny_params()
     prompt = jax.random.randint(jax.random.key(4), (2, 5), 0, MASK_ID)
     # Sampled (temperature 1, the same keys on both sides) rather than greedy, so the tokens vary.
-    settings = BlockSamplerSettings(max_length=16, block_length=4, steps_per_block=2, temperature=1.0,
+    settings = BlockSamplerSettings.bd3(max_length=16, block_length=4, steps_per_block=2, temperature=1.0,
                                     mask_id=MASK_ID)
-    tokens, nfe = generate_blocks(cfg, params, prompt, settings, jax.random.key(5))
-    twin, twin_nfe = generate_blocks_uncached(cfg, params, prompt, settings, jax.random.key(5))
+    tokens, nfe = generate_blocks(Denoiser(cfg), params, prompt, settings, jax.random.key(5))
+    twin, twin_nfe = generate_blocks_uncached(Denoiser(cfg), params, prompt, settings, jax.random.key(5))
     tokens = np.asarray(tokens)
     np.testing.assert_array_equal(tokens, np.asarray(twin))
     assert not (tokens == MASK_ID).any() and np.array_equal(tokens[:, :5], np.asarray(prompt))

@@ -1,4 +1,4 @@
-"""The fast inference engine (ALGORITHMS.md §4.2, §4.3, §4.5): golden parity with LLaDA, Fast-dLLM and Dream,
+"""The fast inference engine: golden parity with LLaDA, Fast-dLLM and Dream,
 batches done right, infilling, EOS stop, the parallel-decoding rules against naive loops, compile counts.
 
 Golden cases come from the original PyTorch code (tests/golden/, copied from ../shared/golden): identical tokens
@@ -18,9 +18,9 @@ import pytest
 import dlmjax
 from dlmjax.config import ModelConfig
 from dlmjax.interchange import import_hf
-from dlmjax.models.transformer import Denoiser, init_params
-from dlmjax.sampling import SamplerSettings, generate, propose_and_score, select_factor, select_threshold
-from dlmjax.sampling.schedule import dream_transfer_fractions
+from dlmjax.models.transformer import init_params
+from dlmjax.sampling import Denoiser, SamplerSettings, dream_transfer_fractions, select_factor, select_threshold
+from dlmjax.sampling import generate_masked as generate
 
 GOLDEN = Path(__file__).parent / "golden"
 FUNCTION_CACHE = {"generate": "none", "generate_with_prefix_cache": "prefix", "generate_with_dual_cache": "dual"}
@@ -49,11 +49,11 @@ def test_llada_and_fast_dllm_golden_tokens_and_nfe(tiny_llada, case):
     is left-padded into a 16-slot bucket: padding that leaked into attention or positions would change tokens."""
     cfg, params = tiny_llada
     k = case["kwargs"]
-    settings = SamplerSettings.for_model(
-        cfg, gen_length=k["gen_length"], steps=k["steps"], block_length=k["block_length"],
+    settings = SamplerSettings.llada(
+        mask_id=cfg.diffusion.mask_id, gen_length=k["gen_length"], steps=k["steps"], block_length=k["block_length"],
         remasking=k["remasking"], temperature=k["temperature"], cfg_scale=float(k.get("cfg_scale") or 0.0),
         threshold=k.get("threshold"), cache=FUNCTION_CACHE[case["function"].split("::")[-1]])
-    out = dlmjax.generate(params, [case["prompt"]], settings)
+    out = dlmjax.generate(cfg, params, [case["prompt"]], settings)
     assert out.width == 16 and out.width > len(case["prompt"])
     assert out.rows() == case["output_ids"]
     assert out.nfe == case["nfe"]
@@ -117,8 +117,8 @@ def small():
 
 
 def settings_for(**kw):
-    base = dict(gen_length=16, steps=16, block_length=8, mask_id=MASK, model=MODEL)
-    return SamplerSettings(**{**base, **kw})
+    base = dict(gen_length=16, steps=16, block_length=8, mask_id=MASK)
+    return SamplerSettings.llada(**{**base, **kw})
 
 
 PROMPTS = [[5, 9, 11], [7, 8, 20, 21, 22, 30, 31], [12, 13, 14, 15, 16]]
@@ -133,8 +133,8 @@ def test_batch_rows_do_not_depend_on_padding_or_other_rows(small, mode):
     padded only to the longest prompt (7 slots, the 7-token row unpadded): the key mask reaches attention,
     positions restart, caches and transfer counts are per row."""
     settings = settings_for(**mode)
-    batch = dlmjax.generate(small, PROMPTS, settings, bucket=16)
-    reversed_batch = dlmjax.generate(small, PROMPTS[::-1], settings, bucket=1)
+    batch = dlmjax.generate(MODEL, small, PROMPTS, settings, bucket=16)
+    reversed_batch = dlmjax.generate(MODEL, small, PROMPTS[::-1], settings, bucket=1)
     assert (batch.width, reversed_batch.width) == (16, 7)
     assert batch.rows() == reversed_batch.rows()[::-1]
     assert all(MASK not in row for row in batch.rows())
@@ -143,8 +143,8 @@ def test_batch_rows_do_not_depend_on_padding_or_other_rows(small, mode):
 @pytest.mark.parametrize("cache", ["none", "dual"])
 def test_batch_row_equals_the_row_alone(small, cache):
     settings = settings_for(cache=cache, threshold=0.5)
-    batch = dlmjax.generate(small, PROMPTS, settings)
-    alone = dlmjax.generate(small, [PROMPTS[0]], settings, bucket=1)
+    batch = dlmjax.generate(MODEL, small, PROMPTS, settings)
+    alone = dlmjax.generate(MODEL, small, [PROMPTS[0]], settings, bucket=1)
     assert alone.width == 3 and batch.rows()[0] == alone.rows()[0]
 
 
@@ -174,16 +174,16 @@ def test_eos_stops_a_row_and_the_loop(small):
     eos_row["ff_out"], eos_row["wte"] = jnp.asarray(head), jnp.asarray(embed)
     settings = settings_for(eos_id=EOS, pad_id=1, stop_at_eos=True)
     prompts = [[40, 41, 42], [5, 9, 11]]
-    out = dlmjax.generate(eos_row, prompts, settings)
+    out = dlmjax.generate(MODEL, eos_row, prompts, settings)
     stopped, running = out.generated()
     assert EOS in stopped[:8]
     assert stopped[8:] == [1] * 8  # frozen after its first block
     assert MASK not in running
     for i, prompt in enumerate(prompts):
-        assert dlmjax.generate(eos_row, [prompt], settings).rows()[0] == out.rows()[i]
-    alone = dlmjax.generate(eos_row, [prompts[0]], settings)
+        assert dlmjax.generate(MODEL, eos_row, [prompt], settings).rows()[0] == out.rows()[i]
+    alone = dlmjax.generate(MODEL, eos_row, [prompts[0]], settings)
     assert alone.nfe == 8  # one block of 8 one-commit steps, then the loop stops
-    no_stop = dlmjax.generate(eos_row, [prompts[0]], settings_for(eos_id=EOS))
+    no_stop = dlmjax.generate(MODEL, eos_row, [prompts[0]], settings_for(eos_id=EOS))
     assert no_stop.nfe == 16 and no_stop.generated()[0][:8] == stopped[:8]
 
 
@@ -191,12 +191,12 @@ def test_eos_stops_a_row_and_the_loop(small):
 def test_infilling_keeps_prefix_and_suffix(small, cache):
     prefix, suffix = [[5, 9, 11, 13]], [[30, 31, 32]]
     settings = settings_for(cache=cache)
-    out = dlmjax.generate(small, prefix, settings, suffix_ids=suffix)
+    out = dlmjax.generate(MODEL, small, prefix, settings, suffix_ids=suffix)
     row = out.rows()[0]
     assert row[:4] == prefix[0] and row[-3:] == suffix[0] and len(row) == 4 + 16 + 3
     assert MASK not in row
     # The suffix is context: without it the middle comes out differently.
-    assert dlmjax.generate(small, prefix, settings).generated()[0] != out.generated()[0]
+    assert dlmjax.generate(MODEL, small, prefix, settings).generated()[0] != out.generated()[0]
 
 
 @pytest.mark.parametrize("mode", [dict(cache="none", threshold=0.999), dict(cache="dual", threshold=0.3),
@@ -273,14 +273,14 @@ def test_confidence_eos_eot_flag_is_literal():
     logits = logits.at[0, 0, eot].set(9.0).at[0, 1, eos].set(9.0)  # slot 0 proposes EoT, slot 1 EOS
     key = jax.random.PRNGKey(0)
     for temperature, eos_zero in ((0.0, True), (1e-6, False)):
-        s = SamplerSettings(gen_length=4, steps=4, mask_id=7, eos_id=eos, eot_id=eot, confidence_eos_eot_inf=True,
-                            temperature=temperature)
-        proposal, conf = propose_and_score(logits, s, key, key)
+        s = SamplerSettings.llada(gen_length=4, steps=4, mask_id=7, eos_id=eos, eot_id=eot,
+                                  confidence_eos_eot_inf=True, temperature=temperature)
+        proposal, conf = s.proposal(logits, s.tokens, key, key)
         assert proposal[0, 0] == eot and proposal[0, 1] == eos
         assert conf[0, 0] == 0.0
         assert (conf[0, 1] == 0.0) == eos_zero
-        plain = propose_and_score(logits, SamplerSettings(gen_length=4, steps=4, mask_id=7,
-                                                          temperature=temperature), key, key)[1]
+        plain_settings = SamplerSettings.llada(gen_length=4, steps=4, mask_id=7, temperature=temperature)
+        plain = plain_settings.proposal(logits, plain_settings.tokens, key, key)[1]
         assert plain[0, 0] > 0.9 and plain[0, 1] > 0.9
 
 
@@ -302,11 +302,11 @@ def test_one_compile_per_prompt_bucket(small):
     logger.addHandler(counter)
     try:
         with jax.log_compiles(True):
-            dlmjax.generate(small, [[3] * 5], settings)
+            dlmjax.generate(MODEL, small, [[3] * 5], settings)
             first = counter.count
-            dlmjax.generate(small, [[4] * 9], settings, jax.random.PRNGKey(5))
+            dlmjax.generate(MODEL, small, [[4] * 9], settings, jax.random.PRNGKey(5))
             second = counter.count - first
-            dlmjax.generate(small, [[4] * 17], settings)
+            dlmjax.generate(MODEL, small, [[4] * 17], settings)
             third = counter.count - first - second
     finally:
         logger.removeHandler(counter)
@@ -314,14 +314,14 @@ def test_one_compile_per_prompt_bucket(small):
 
 
 def test_generate_api_errors_name_the_problem(small):
-    with pytest.raises(ValueError, match="settings.model is None"):
-        dlmjax.generate(small, [[1, 2]], SamplerSettings(gen_length=4, steps=4, mask_id=MASK))
+    with pytest.raises(TypeError, match="model must be a Config, a ModelConfig or a Denoiser"):
+        dlmjax.generate(small, small, [[1, 2]], settings_for())
     with pytest.raises(ValueError, match=r"row 1: token ids \[64\]"):
-        dlmjax.generate(small, [[1, 2], [64]], settings_for())
+        dlmjax.generate(MODEL, small, [[1, 2], [64]], settings_for())
     with pytest.raises(ValueError, match=r"prompt \(90 tokens\) \+ gen_length \(16\) = 106 exceeds the model's context model.max_seq_len=96"):
-        dlmjax.generate(small, [[1] * 90], settings_for())
-    with pytest.raises(ValueError, match="cache='dual' needs a model denoiser"):
+        dlmjax.generate(MODEL, small, [[1] * 90], settings_for())
+    with pytest.raises(ValueError, match=r"cache=DualCache\(\) needs a model denoiser"):
         from tests.test_sampling import TOY, make_params  # noqa: PLC0415
 
         generate(TOY, make_params(), jnp.zeros((1, 2), jnp.int32),
-                 SamplerSettings(gen_length=4, steps=4, mask_id=32, cache="dual"), jax.random.PRNGKey(0))
+                 SamplerSettings.llada(gen_length=4, steps=4, mask_id=32, cache="dual"), jax.random.PRNGKey(0))

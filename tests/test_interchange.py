@@ -231,7 +231,7 @@ def test_forward_of_a_bd3_model_reads_x_t_and_x_0_under_the_training_mask():
 
     cfg = Config(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, mlp_hidden=64),
                  diffusion=DiffusionConfig(objective="bd3", block_size=4),
-                 data=DataConfig(kind="text", text_path="unused", seq_len=16))
+                 data=DataConfig(kind="text", path="unused", seq_len=16))
     shapes = jax.eval_shape(lambda: init_params(cfg.model, jax.random.PRNGKey(0)))
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: (0.3 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
@@ -350,7 +350,7 @@ def test_cli_errors_without_a_traceback(converted, tmp_path, capsys):
 def test_denoiser_aligns_dream_logits_for_the_samplers():
     """Samplers call `Denoiser`; for a Dream checkpoint it must return the shifted logits the reference's
     generation uses (golden_logits_shifted.npy), not the raw forward."""
-    from dlmjax.models.transformer import Denoiser
+    from dlmjax.sampling import Denoiser
 
     cfg, params, _ = import_hf(GOLDEN / "tiny_dream", "dream")
     got = np.asarray(Denoiser(cfg.model)(params, golden_ids("dream")))

@@ -29,9 +29,9 @@ _EIGHT_DEVICES = textwrap.dedent("""
     from dlmjax import Denoiser
     from dlmjax.config import MeshConfig, load_config
     from dlmjax.sampling import SamplerSettings
-    from dlmjax.sampling.generate import generate
+    from dlmjax.sampling import generate_masked as generate
     from dlmjax.sharding import batch_sharding, make_mesh
-    from dlmjax.train.loop import load_data
+    from dlmjax.data import load_data
     from dlmjax.train.state import init_train_state, make_optimizer
     from dlmjax.train.step import as_batch, make_train_step
 
@@ -59,7 +59,7 @@ _EIGHT_DEVICES = textwrap.dedent("""
     param_err = max(float(np.max(np.abs(a - np.asarray(b)))) for a, b in
                     zip(jax.tree.leaves(p1), jax.tree.leaves(jax.device_get(p8))))
 
-    settings = SamplerSettings(gen_length=8, steps=8, mask_id=cfg.diffusion.mask_id)
+    settings = SamplerSettings.llada(gen_length=8, steps=8, mask_id=cfg.diffusion.mask_id)
     prompt = jnp.asarray(np.random.default_rng(0).integers(0, 250, (4, 6)), jnp.int32)
     rng = jax.random.PRNGKey(3)
     denoiser = Denoiser(cfg.model)

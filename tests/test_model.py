@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from dlmjax.config import ModelConfig
-from dlmjax.models import BlockCausalMask, CausalMask, Denoiser, FullMask, Transformer, attention, init_params
+from dlmjax.models import BlockCausalMask, CausalMask, FullMask, Transformer, attention, init_params
+from dlmjax.sampling import Denoiser
 from dlmjax.models.layers import RMSNorm, apply_rotary, rotary_tables
 
 TINY = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, mlp_hidden=48, max_seq_len=32)

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import TINY_RUN
 from dlmjax import distributed
-from dlmjax.distributed import DistributedConfigError, Plan, first_host, plan
+from dlmjax.distributed import DistributedConfigError, LaunchPlan, first_host, launch_plan
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_TPU = {"DLMJAX_DISTRIBUTED": "auto"}  # a plain dict environment: no TPU_* hints, and /dev is checked below
@@ -32,19 +33,19 @@ def _not_on_a_tpu_vm(monkeypatch):
 
 
 def test_single_process_without_variables():
-    assert plan({}) is None
-    assert plan({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
+    assert launch_plan({}) is None
+    assert launch_plan({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_PROCID": "0"}) is None
 
 
 def test_explicit_variables():
     env = {"DLMJAX_COORDINATOR": "10.0.0.2:1234", "DLMJAX_NUM_PROCESSES": "4", "DLMJAX_PROCESS_ID": "3",
            "DLMJAX_LOCAL_DEVICE_IDS": "0,1"}
-    p = plan(env)
-    assert p == Plan("explicit", "10.0.0.2:1234", 4, 3, (0, 1))
+    p = launch_plan(env)
+    assert p == LaunchPlan("explicit", "10.0.0.2:1234", 4, 3, (0, 1))
     assert p.kwargs() == dict(coordinator_address="10.0.0.2:1234", num_processes=4, process_id=3,
                               local_device_ids=[0, 1])
     # explicit variables win over SLURM's
-    assert plan({**env, "SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", "SLURM_PROCID": "5"}).source == "explicit"
+    assert launch_plan({**env, "SLURM_JOB_ID": "7", "SLURM_NTASKS": "8", "SLURM_PROCID": "5"}).source == "explicit"
 
 
 @pytest.mark.parametrize("env, words", [
@@ -66,7 +67,7 @@ def test_explicit_variables():
 ])
 def test_half_configured_jobs_name_the_variable(env, words):
     with pytest.raises(DistributedConfigError) as e:
-        plan(env)
+        launch_plan(env)
     for w in words:
         assert w in str(e.value)
 
@@ -74,9 +75,9 @@ def test_half_configured_jobs_name_the_variable(env, words):
 def test_slurm():
     env = {"SLURM_JOB_ID": "123456", "SLURM_NTASKS": "4", "SLURM_PROCID": "2",
            "SLURM_STEP_NODELIST": "gpu[007-008,011],login1"}
-    assert plan(env) == Plan("slurm", "gpu007:12456", 4, 2)
-    assert plan({**env, "DLMJAX_COORDINATOR_PORT": "4000"}).coordinator == "gpu007:4000"
-    assert plan({**env, "DLMJAX_DISTRIBUTED": "0"}) is None  # explicit opt-out
+    assert launch_plan(env) == LaunchPlan("slurm", "gpu007:12456", 4, 2)
+    assert launch_plan({**env, "DLMJAX_COORDINATOR_PORT": "4000"}).coordinator == "gpu007:4000"
+    assert launch_plan({**env, "DLMJAX_DISTRIBUTED": "0"}) is None  # explicit opt-out
 
 
 @pytest.mark.parametrize("nodes, first", [("a1", "a1"), ("a1,b2", "a1"), ("node[3-5]", "node3"),
@@ -87,10 +88,10 @@ def test_first_host(nodes, first):
 
 def test_tpu_vm_autodetects_and_honours_opt_out():
     tpu = {"TPU_ACCELERATOR_TYPE": "v5litepod-16"}
-    assert plan(tpu) == Plan("auto") and Plan("auto").kwargs() == {}
-    assert plan({**tpu, "DLMJAX_DISTRIBUTED": "off"}) is None
-    assert plan({"DLMJAX_DISTRIBUTED": "1"}) == Plan("auto")  # forced: JAX detects the cluster
-    assert plan(NO_TPU) is None
+    assert launch_plan(tpu) == LaunchPlan("auto") and LaunchPlan("auto").kwargs() == {}
+    assert launch_plan({**tpu, "DLMJAX_DISTRIBUTED": "off"}) is None
+    assert launch_plan({"DLMJAX_DISTRIBUTED": "1"}) == LaunchPlan("auto")  # forced: JAX detects the cluster
+    assert launch_plan(NO_TPU) is None
 
 
 def test_maybe_initialize_is_a_no_op_for_one_process():
@@ -98,9 +99,7 @@ def test_maybe_initialize_is_a_no_op_for_one_process():
 
 
 # ----------------------------------------------------------------------------------------- 2 processes on CPU
-TINY = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.mlp_hidden=64", "data.batch_size=8",
-        "data.eval_size=8", "sample.batch_size=8", "train.log_every=1", "train.progress=false",
-        "checkpoint.every_steps=2", "checkpoint.max_to_keep=3",
+TINY = [*TINY_RUN, "checkpoint.every_steps=2", "checkpoint.max_to_keep=3",
         # a schedule that does not depend on train.steps, so a 4-step run resumed to 6 equals a 6-step run
         "optim.decay=constant", "optim.warmup_steps=2"]
 TIMEOUT = 170  # seconds per job

@@ -13,7 +13,7 @@ import dlmjax
 from dlmjax.config import ModelConfig
 from dlmjax.models.attention import Bd3TrainingMask, BlockCausalMask, FullMask
 from dlmjax.models.transformer import Transformer, init_params
-from dlmjax.sampling import BlockSamplerSettings, SamplerSettings, generate_blocks_uncached
+from dlmjax.sampling import BlockSamplerSettings, Denoiser, SamplerSettings, generate_blocks_uncached
 
 MODEL = ModelConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_hidden=64, max_seq_len=64)
 KERNEL = dataclasses.replace(MODEL, attention_impl="pallas_interpret")
@@ -66,11 +66,11 @@ def test_training_with_kernels_matches_the_dense_path(tmp_path):
 def test_sampling_with_kernels_matches_the_dense_path(params):
     prompts = [[5, 9, 11], [7, 8, 20, 21, 22]]
     base = dict(gen_length=8, steps=8, block_length=4, mask_id=39)
-    dense = dlmjax.generate(params, prompts, SamplerSettings(model=MODEL, **base))
-    kern = dlmjax.generate(params, prompts, SamplerSettings(model=KERNEL, **base))
+    dense = dlmjax.generate(MODEL, params, prompts, SamplerSettings.llada(**base))
+    kern = dlmjax.generate(KERNEL, params, prompts, SamplerSettings.llada(**base))
     assert kern.rows() == dense.rows()
-    settings = BlockSamplerSettings(max_length=16, block_length=4, mask_id=39)
+    settings = BlockSamplerSettings.bd3(max_length=16, block_length=4, mask_id=39)
     prompt = jnp.asarray([[5, 9, 11, 13, 2]], jnp.int32)
-    a, _ = generate_blocks_uncached(MODEL, params, prompt, settings, jax.random.PRNGKey(0))
-    b, _ = generate_blocks_uncached(KERNEL, params, prompt, settings, jax.random.PRNGKey(0))
+    a, _ = generate_blocks_uncached(Denoiser(MODEL), params, prompt, settings, jax.random.PRNGKey(0))
+    b, _ = generate_blocks_uncached(Denoiser(KERNEL), params, prompt, settings, jax.random.PRNGKey(0))
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

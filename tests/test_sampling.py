@@ -1,8 +1,8 @@
 """Tests for dlmjax.sampling: transfer schedule, per-step pieces, and LLaDA-style `generate`.
 
 `generate` is held token for token against `reference_generate`, a plain Python/numpy loop written
-from ALGORITHMS.md §4.2 that shares only the toy denoiser (called once per step) and, for the random
-draws, the same keys (the same noise is fed to both sides, never compared as streams, §5.4).
+from the description of LLaDA's `generate` that shares only the toy denoiser (called once per step) and, for the random
+draws, the same keys (the same noise is fed to both sides, never compared as streams).
 """
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ import pytest
 
 from dlmjax.sampling import (
     SamplerSettings,
-    generate,
     select_commits,
     step_keys,
     transfer_counts,
 )
+from dlmjax.sampling import DreamProposal, DreamSchedule, DualCache, SpecialTokens
+from dlmjax.sampling import generate_masked as generate
 
 VOCAB = 32
 MASK_ID = VOCAB  # outside the logit vocabulary (MD4-style), so the toy never proposes a mask
@@ -86,7 +87,7 @@ def reference_generate(denoiser, params, prompt, s: SamplerSettings, rng, prompt
     """LLaDA `generate` as plain loops; returns (tokens int64[B, Lp+G], nfe, history list)."""
     prompt = np.asarray(prompt)
     batch, lp = prompt.shape
-    g, m, bl = s.gen_length, s.mask_id, s.block_length
+    g, m, bl = s.gen_length, s.tokens.mask_id, s.block_length
     x = np.full((batch, lp + g), m, dtype=np.int64)
     x[:, :lp] = prompt
     if prompt_mask is None:
@@ -108,24 +109,24 @@ def reference_generate(denoiser, params, prompt, s: SamplerSettings, rng, prompt
             if not (x[:, lo:hi] == m).any():
                 break  # a full block takes no more steps (Fast-dLLM; LLaDA would run no-op steps)
             rng, gumbel_key, confidence_key = step_keys(rng)
-            if s.cfg_scale > 0:
+            if s.guidance.cfg_scale > 0:
                 unconditional = x.copy()
                 unconditional[:, :lp] = m
                 cond, uncond = forward(x), forward(unconditional)  # two passes here, one in dlmjax
-                logits = uncond + np.float32(s.cfg_scale + 1.0) * (cond - uncond)
+                logits = uncond + np.float32(s.guidance.cfg_scale + 1.0) * (cond - uncond)
             else:
                 logits = forward(x)
             nfe += 1
-            if s.logits_eos_inf:
-                logits[:, :, s.eos_id] = -np.inf
+            if s.proposal.logits_eos_inf:
+                logits[:, :, s.tokens.eos_id] = -np.inf
             # dlmjax draws the step's noise for the block's slots only; the same keys feed both sides.
             block_logits = logits[:, lo:hi]
-            if s.temperature == 0:
+            if s.proposal.temperature == 0:
                 proposal = block_logits.argmax(-1)
             else:
                 gumbel = np.asarray(_gumbel(gumbel_key, block_logits.shape, noise_dtype))
-                proposal = (block_logits.astype(noise_dtype) + s.temperature * gumbel).argmax(-1)
-            if s.remasking == "low_confidence":
+                proposal = (block_logits.astype(noise_dtype) + s.proposal.temperature * gumbel).argmax(-1)
+            if s.proposal.confidence == "low_confidence":
                 shifted = np.exp(block_logits - block_logits.max(-1, keepdims=True))
                 probs = shifted / shifted.sum(-1, keepdims=True)  # float32, like LLaDA's fp32 logits
                 conf = np.take_along_axis(probs, proposal[..., None], -1)[..., 0]
@@ -190,9 +191,9 @@ REFERENCE_CASES = {
 
 @pytest.mark.parametrize("name", list(REFERENCE_CASES))
 def test_generate_equals_reference(name):
-    settings = SamplerSettings(mask_id=MASK_ID, **REFERENCE_CASES[name])
+    settings = SamplerSettings.llada(mask_id=MASK_ID, **REFERENCE_CASES[name])
     # A large EOS bias makes EOS the argmax everywhere, so ignoring the flag cannot go unnoticed.
-    params = make_params(eos_bias=20.0 if settings.logits_eos_inf else 0.0)
+    params = make_params(eos_bias=20.0 if settings.proposal.logits_eos_inf else 0.0)
     prompt = make_prompt(2, 4)
     rng = jax.random.key(7)
     tokens, nfe = generate(TOY, params, jnp.asarray(prompt), settings, rng)
@@ -203,21 +204,21 @@ def test_generate_equals_reference(name):
     # One forward per step (a CFG doubled-batch pass counts once), and no step once the block is full.
     assert int(nfe) == expected_nfe == min(settings.steps, settings.gen_length)
     assert not np.any(np.asarray(tokens) == MASK_ID)
-    if settings.logits_eos_inf:
+    if settings.proposal.logits_eos_inf:
         assert not np.any(np.asarray(tokens)[:, 4:] == EOS_ID)
 
 
 def test_eos_toy_generates_only_eos_without_the_flag():
     # Guards the logits_eos_inf case above: without the flag this toy generates nothing but EOS,
     # so a sampler that ignored the flag could not match the reference there.
-    settings = SamplerSettings(mask_id=MASK_ID, gen_length=8, block_length=4, steps=4, eos_id=EOS_ID)
+    settings = SamplerSettings.llada(mask_id=MASK_ID, gen_length=8, block_length=4, steps=4, eos_id=EOS_ID)
     tokens, _, _ = reference_generate(TOY, make_params(eos_bias=20.0), make_prompt(2, 4), settings,
                                       jax.random.key(0))
     assert np.all(tokens[:, 4:] == EOS_ID)
 
 
 def test_left_padding_with_prompt_mask():
-    settings = SamplerSettings(mask_id=MASK_ID, gen_length=8, block_length=4, steps=8)
+    settings = SamplerSettings.llada(mask_id=MASK_ID, gen_length=8, block_length=4, steps=8)
     params = make_params()
     full = make_prompt(2, 6)
     short = full[1, 3:]  # a 3-token prompt, left-padded in the batch
@@ -248,7 +249,7 @@ def test_left_padding_with_prompt_mask():
     dict(gen_length=12, block_length=6, steps=8, remasking="random", temperature=1.5, cfg_scale=1.0),
 ])
 def test_random_paths_commit_exactly_k_and_never_change_commits(kwargs):
-    settings = SamplerSettings(mask_id=MASK_ID, **kwargs)
+    settings = SamplerSettings.llada(mask_id=MASK_ID, **kwargs)
     params = make_params()
     prompt = make_prompt(2, 4)
     lp, bl, s = 4, settings.block_length, settings.steps_per_block
@@ -286,7 +287,7 @@ def test_random_paths_commit_exactly_k_and_never_change_commits(kwargs):
 
 def test_gumbel_noise_is_float64_under_x64():
     # The settings of a case above, so that the float32 half below reuses compiled pieces.
-    settings = SamplerSettings(mask_id=MASK_ID, gen_length=12, block_length=6, steps=8, temperature=0.8)
+    settings = SamplerSettings.llada(mask_id=MASK_ID, gen_length=12, block_length=6, steps=8, temperature=0.8)
     params = make_params()
     prompt = make_prompt(2, 4)
     rng = jax.random.key(3)
@@ -317,12 +318,12 @@ class _CompileCounter(logging.Handler):
         self.count = 0
 
     def emit(self, record):
-        if record.getMessage().startswith("Compiling jit(generate)"):
+        if record.getMessage().startswith("Compiling jit(generate_masked)"):
             self.count += 1
 
 
 def test_generate_compiles_once_per_shape_and_settings():
-    settings = SamplerSettings(mask_id=MASK_ID, gen_length=6, block_length=3, steps=4)
+    settings = SamplerSettings.llada(mask_id=MASK_ID, gen_length=6, block_length=3, steps=4)
     params = make_params()
     # Shapes used by no other test, so the first call must compile.
     prompt_a = jnp.asarray(make_prompt(3, 5, seed=1))
@@ -349,47 +350,67 @@ def test_generate_compiles_once_per_shape_and_settings():
 # Settings
 
 
+# Each error names the object that owns the field (the settings core, or one of its strategies), the field as the
+# caller wrote it, and the value.
 @pytest.mark.parametrize("kwargs, needle", [
-    (dict(gen_length=0, steps=1), "gen_length=0"),
-    (dict(gen_length=12, steps=6, block_length=5), "block_length=5"),
-    (dict(gen_length=12, steps=6, block_length=3), "steps=6"),  # 4 blocks need a multiple of 4
-    (dict(gen_length=12, steps=2, block_length=4), "steps=2"),  # fewer steps than blocks
-    (dict(gen_length=8, steps=8, remasking="entropic"), "remasking='entropic'"),
-    (dict(gen_length=8, steps=8, cache="full"), "cache='full'"),
-    (dict(gen_length=8, steps=8, threshold=1.5), "threshold=1.5"),
-    (dict(gen_length=8, steps=8, factor=0.0), "factor=0.0"),
-    (dict(gen_length=8, steps=8, schedule="dream", cache="dual"), "cache='dual'"),
-    (dict(gen_length=8, steps=8, schedule="dream", factor=1.0), "factor=1.0"),
-    (dict(gen_length=8, steps=8, schedule="dream", remasking="random"), "remasking='random'"),
-    (dict(gen_length=8, steps=8, alg_temp=0.5), "alg_temp=0.5"),
+    (dict(gen_length=0, steps=1), "SamplerSettings.gen_length=0"),
+    (dict(gen_length=12, steps=6, block_length=5), "SamplerSettings.block_length=5"),
+    (dict(gen_length=12, steps=6, block_length=3), "SamplerSettings.steps=6"),  # 4 blocks need a multiple of 4
+    (dict(gen_length=12, steps=2, block_length=4), "SamplerSettings.steps=2"),  # fewer steps than blocks
+    (dict(gen_length=8, steps=8, remasking="entropic"), "SamplerSettings.remasking='entropic'"),
+    (dict(gen_length=8, steps=8, cache="full"), "SamplerSettings.cache='full'"),
+    (dict(gen_length=8, steps=8, threshold=1.5), "Threshold.threshold=1.5"),
+    (dict(gen_length=8, steps=8, factor=0.0), "Factor.factor=0.0"),
+    (dict(gen_length=8, steps=8, threshold=0.5, factor=1.0), "SamplerSettings.factor=1.0"),
     (dict(gen_length=8, steps=8, eos_id=3, eot_id=None, confidence_eos_eot_inf=True),
-     "confidence_eos_eot_inf=True needs eot_id"),
-    (dict(gen_length=8, steps=8, stop_at_eos=True), "stop_at_eos=True"),
-    (dict(gen_length=8, steps=8, top_p=0.0), "top_p=0.0"),
-    (dict(gen_length=8, steps=8, temperature=-0.5), "temperature=-0.5"),
-    (dict(gen_length=8, steps=8, cfg_scale=float("nan")), "cfg_scale=nan"),
-    (dict(gen_length=8, steps=8, logits_eos_inf=True), "logits_eos_inf=True"),
-    (dict(gen_length=8, steps=8, eos_id=-2), "eos_id=-2"),
+     "confidence_eos_eot_inf=True needs the model's eot_id"),
+    (dict(gen_length=8, steps=8, stop_at_eos=True), "SamplerSettings.stop_at_eos=True"),
+    (dict(gen_length=8, steps=8, top_p=0.0), "LladaProposal.top_p=0.0"),
+    (dict(gen_length=8, steps=8, temperature=-0.5), "LladaProposal.temperature=-0.5"),
+    (dict(gen_length=8, steps=8, cfg_scale=float("nan")), "Guidance.cfg_scale=nan"),
+    (dict(gen_length=8, steps=8, logits_eos_inf=True), "LladaProposal.logits_eos_inf=True"),
+    (dict(gen_length=8, steps=8, eos_id=-2), "SpecialTokens.eos_id=-2"),
 ])
 def test_settings_errors_name_the_field(kwargs, needle):
     with pytest.raises(ValueError) as error:
-        SamplerSettings(mask_id=MASK_ID, **kwargs)
-    assert f"SamplerSettings.{needle}" in str(error.value)
+        SamplerSettings.llada(mask_id=MASK_ID, **kwargs)
+    assert needle in str(error.value)
+
+
+@pytest.mark.parametrize("build, needle", [
+    # Fast-dLLM's caches are defined for LLaDA's loop only.
+    (lambda: SamplerSettings(gen_length=8, steps=8, tokens=SpecialTokens(mask_id=MASK_ID),
+                             rule=DreamSchedule(), proposal=DreamProposal(), cache=DualCache()),
+     "SamplerSettings.cache=DualCache()"),
+    (lambda: SamplerSettings.dream(max_new_tokens=8, steps=8, alg="origin", alg_temp=0.5, mask_id=MASK_ID),
+     "SamplerSettings.dream.alg_temp=0.5"),
+    (lambda: SamplerSettings.dream(max_new_tokens=8, steps=8, alg="entropy", threshold=0.5, mask_id=MASK_ID),
+     "SamplerSettings.dream.threshold=0.5"),
+    (lambda: SamplerSettings.dream(max_new_tokens=8, steps=8, alg="entropic", mask_id=MASK_ID),
+     "SamplerSettings.dream.alg='entropic'"),
+    (lambda: DreamProposal(confidence="random"), "DreamProposal.confidence='random'"),
+    (lambda: SamplerSettings(gen_length=8, steps=8, tokens=SpecialTokens(mask_id=MASK_ID), rule="llada"),
+     "SamplerSettings.rule='llada'"),
+])
+def test_composed_settings_errors_name_the_part(build, needle):
+    with pytest.raises(ValueError) as error:
+        build()
+    assert needle in str(error.value)
 
 
 def test_settings_error_lists_allowed_values_and_defaults_resolve():
     with pytest.raises(ValueError, match="low_confidence"):
-        SamplerSettings(mask_id=0, gen_length=8, steps=8, remasking="margins")
+        SamplerSettings.llada(mask_id=0, gen_length=8, steps=8, remasking="margins")
     with pytest.raises(ValueError, match=r"\[1, 2, 3, 4, 6, 12\]"):
-        SamplerSettings(mask_id=0, gen_length=12, steps=12, block_length=5)
-    default = SamplerSettings(mask_id=0, gen_length=8, steps=4)
-    explicit = SamplerSettings(mask_id=0, gen_length=8, steps=4, block_length=8)
+        SamplerSettings.llada(mask_id=0, gen_length=12, steps=12, block_length=5)
+    default = SamplerSettings.llada(mask_id=0, gen_length=8, steps=4)
+    explicit = SamplerSettings.llada(mask_id=0, gen_length=8, steps=4, block_length=8)
     assert default.block_length == 8 and default == explicit and hash(default) == hash(explicit)
     assert (default.num_blocks, default.steps_per_block) == (1, 4)
 
 
 def test_eos_id_outside_vocabulary_is_rejected_at_trace_time():
-    settings = SamplerSettings(mask_id=MASK_ID, gen_length=4, steps=4, eos_id=VOCAB + 5,
+    settings = SamplerSettings.llada(mask_id=MASK_ID, gen_length=4, steps=4, eos_id=VOCAB + 5,
                                logits_eos_inf=True)
     with pytest.raises(ValueError, match=f"eos_id={VOCAB + 5}"):
         generate(TOY, make_params(), jnp.asarray(make_prompt(1, 2)), settings, jax.random.key(0))

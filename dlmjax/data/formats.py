@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dlmjax.errors import ConfigError, InputError
+
 FORMATS = ("text", "jsonl", "parquet", "array_record")
 RECORD_TYPES = ("text", "tokens")
 # Files a directory contributes, per format (a glob or a single file is taken as given).
@@ -38,7 +40,7 @@ Document = str | np.ndarray  # text, or int32 [n] pre-tokenized ids
 def resolve_files(spec: str, fmt: str) -> list[Path]:
     """Files named by `spec` (a file, a directory searched recursively for `SUFFIXES[fmt]`, or a glob); sorted."""
     if fmt not in FORMATS:
-        raise ValueError(f"data.format={fmt!r} is not allowed; choose one of {list(FORMATS)}")
+        raise ConfigError(f"data.format={fmt!r} is not allowed; choose one of {list(FORMATS)}")
     path = Path(spec).expanduser()
     if path.is_file():
         return [path]
@@ -83,10 +85,10 @@ def count_records(path: Path, fmt: str) -> int:
 def _field(obj: dict, name: str, where: str) -> str:
     if not isinstance(obj, dict) or name not in obj:
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{where}: no field {name!r} (has {keys}); set the data.*_field option to the right name")
+        raise InputError(f"{where}: no field {name!r} (has {keys}); set the data.*_field option to the right name")
     value = obj[name]
     if not isinstance(value, str):
-        raise ValueError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+        raise InputError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
     return value
 
 
@@ -102,7 +104,7 @@ def iter_records(path: Path, fmt: str, start: int = 0, stop: int | None = None, 
         return
     if fmt == "text":
         if len(fields) != 1:
-            raise ValueError(f"data.format=text holds one document per file; fields {list(fields)} need jsonl")
+            raise ConfigError(f"data.format=text holds one document per file; fields {list(fields)} need jsonl")
         if start == 0:
             yield path.read_text(encoding="utf-8", errors="replace")
         return
@@ -116,7 +118,7 @@ def iter_records(path: Path, fmt: str, start: int = 0, stop: int | None = None, 
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where} is not valid JSON: {e}") from e
+                raise InputError(f"{where} is not valid JSON: {e}") from e
             values = tuple(_field(obj, f, where) for f in fields)
             yield values if len(fields) > 1 else values[0]
         return
@@ -126,7 +128,7 @@ def iter_records(path: Path, fmt: str, start: int = 0, stop: int | None = None, 
         file = pq.ParquetFile(path)
         missing = [f for f in fields if f not in file.schema_arrow.names]
         if missing:
-            raise ValueError(f"{path}: no column {missing[0]!r} (has {file.schema_arrow.names}); set "
+            raise InputError(f"{path}: no column {missing[0]!r} (has {file.schema_arrow.names}); set "
                              "data.text_field (or prompt_field / response_field) to the right column")
         row = 0
         for batch in file.iter_batches(batch_size=chunk, columns=list(fields)):
@@ -139,7 +141,7 @@ def iter_records(path: Path, fmt: str, start: int = 0, stop: int | None = None, 
                 return
         return
     if len(fields) != 1:
-        raise ValueError(f"data.format=array_record holds one document per record; fields {list(fields)} need jsonl")
+        raise ConfigError(f"data.format=array_record holds one document per record; fields {list(fields)} need jsonl")
     from array_record.python.array_record_module import ArrayRecordReader  # noqa: PLC0415
 
     reader = ArrayRecordReader(str(path))
@@ -158,14 +160,14 @@ def shard_range(n_records: int, process_index: int, process_count: int) -> tuple
         raise ValueError(f"process_index={process_index} must be in [0, process_count={process_count})")
     per = n_records // process_count
     if per == 0:
-        raise ValueError(f"the corpus has {n_records} documents, fewer than the {process_count} processes reading it")
+        raise InputError(f"the corpus has {n_records} documents, fewer than the {process_count} processes reading it")
     return process_index * per, (process_index + 1) * per
 
 
 def local_batch_size(batch_size: int, process_count: int) -> int:
     """Rows per process of a global batch (each process reads its own)."""
     if batch_size % process_count:
-        raise ValueError(f"data.batch_size={batch_size} must be a multiple of the {process_count} processes "
+        raise ConfigError(f"data.batch_size={batch_size} must be a multiple of the {process_count} processes "
                          "(each process reads batch_size / process_count rows)")
     return batch_size // process_count
 

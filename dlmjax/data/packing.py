@@ -26,6 +26,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from dlmjax.errors import ConfigError, InputError
+
 PACKED_KEYS = ("tokens", "prompt_mask", "valid_mask", "segment_ids", "positions")
 PACKING_MODES = ("wrap", "fit")
 
@@ -41,7 +43,7 @@ def iter_packed_rows(documents: Iterable[np.ndarray], *, seq_len: int, block_siz
     if block_size < 0 or (block_size and seq_len % block_size):
         raise ValueError(f"block_size={block_size} must be 0 or divide seq_len={seq_len}")
     if mode not in PACKING_MODES:
-        raise ValueError(f"data.packing={mode!r} is not allowed; choose one of {list(PACKING_MODES)}")
+        raise ConfigError(f"data.packing={mode!r} is not allowed; choose one of {list(PACKING_MODES)}")
     unit = block_size or 1
     tokens = segs = None
     used = n_segs = seq_len  # no row yet: "full"
@@ -99,7 +101,7 @@ def pack_documents(documents: Iterable[np.ndarray], *, seq_len: int, block_size:
     rows = list(iter_packed_rows(documents, seq_len=seq_len, block_size=block_size, pad_id=pad_id,
                                  bos_id=bos_id, eos_id=eos_id, mode=mode))
     if not rows:
-        raise ValueError("no documents to pack")
+        raise InputError("no documents to pack: the corpus (data.path) holds no document")
     return row_record(np.stack([r[0] for r in rows]), np.stack([r[1] for r in rows]))
 
 
@@ -125,6 +127,6 @@ def sft_rows(pairs: Sequence[tuple[np.ndarray, np.ndarray]], *, seq_len: int, bo
     rows = [sft_row(p, r, seq_len=seq_len, bos_id=bos_id, eos_id=eos_id) for p, r in pairs]
     kept = [r for r in rows if r is not None]
     if not kept:
-        raise ValueError(f"none of the {len(pairs)} SFT examples fits in data.seq_len={seq_len} "
+        raise InputError(f"none of the {len(pairs)} SFT examples fits in data.seq_len={seq_len} "
                          "(BOS + prompt + response + EOS); raise data.seq_len")
     return {k: np.stack([r[k] for r in kept]) for k in kept[0]}, len(rows) - len(kept)

@@ -135,7 +135,7 @@ def make_eval_batches(records: Sequence[Record], batch_size: int) -> list[Record
 
 
 def build_data(*, kind: str, seq_len: int, batch_size: int, seed: int, task: str | None = None,
-               task_kwargs: Mapping[str, Any] | None = None, text_path: str | None = None,
+               task_kwargs: Mapping[str, Any] | None = None, path: str | None = None,
                eval_size: int = 500, val_frac: float = 0.05, split_paragraphs: bool = False,
                read_options: grain.ReadOptions | None = None,
                ) -> tuple[grain.IterDataset, list[Record], ByteTokenizer, Task | None]:
@@ -143,37 +143,65 @@ def build_data(*, kind: str, seq_len: int, batch_size: int, seed: int, task: str
 
     kind="task": `task` names a registered task built with `task_kwargs`; train batches are generated
       from `seed` (train split); eval records are `heldout(task, eval_size, seed)`, disjoint from them.
-    kind="text": `text_path` is a file, directory or glob; train batches are shuffled training rows;
+    kind="text": `path` is a file, directory or glob; train batches are shuffled training rows;
       eval records are the first `eval_size` validation rows (the last `val_frac` of the corpus).
 
     Train batches are `[batch_size, seq_len]` (see `make_train_dataset`); batch the eval records with
     `make_eval_batches`.
     """
+    _check_args(kind=kind, seq_len=seq_len, eval_size=eval_size, task=task, task_kwargs=task_kwargs, path=path,
+                batch_size=batch_size)
+    tokenizer = ByteTokenizer()
+    if kind == "task":
+        the_task = get_task(task, **dict(task_kwargs or {}))
+        source = TaskSource(the_task, seq_len, seed, tokenizer=tokenizer)
+        train = make_train_dataset(source, batch_size=batch_size, seed=seed, shuffle=False,
+                                   read_options=read_options)
+        return train, _task_eval_records(the_task, seq_len, eval_size, seed), tokenizer, the_task
+    corpus = TextCorpus.load(path, seq_len=seq_len, tokenizer=tokenizer, val_frac=val_frac,
+                             split_paragraphs=split_paragraphs)
+    train = make_train_dataset(RowSource(corpus.train_rows), batch_size=batch_size, seed=seed, shuffle=True,
+                               read_options=read_options)
+    return train, _text_eval_records(corpus, eval_size), tokenizer, None
+
+
+def build_eval_data(*, kind: str, seq_len: int, seed: int, task: str | None = None,
+                    task_kwargs: Mapping[str, Any] | None = None, path: str | None = None, eval_size: int = 500,
+                    val_frac: float = 0.05, split_paragraphs: bool = False,
+                    ) -> tuple[list[Record], ByteTokenizer, Task | None]:
+    """The eval records, tokenizer and task of `build_data` with the same arguments, without a train stream."""
+    _check_args(kind=kind, seq_len=seq_len, eval_size=eval_size, task=task, task_kwargs=task_kwargs, path=path)
+    tokenizer = ByteTokenizer()
+    if kind == "task":
+        the_task = get_task(task, **dict(task_kwargs or {}))
+        return _task_eval_records(the_task, seq_len, eval_size, seed), tokenizer, the_task
+    corpus = TextCorpus.load(path, seq_len=seq_len, tokenizer=tokenizer, val_frac=val_frac,
+                             split_paragraphs=split_paragraphs)
+    return _text_eval_records(corpus, eval_size), tokenizer, None
+
+
+def _task_eval_records(task: Task, seq_len: int, eval_size: int, seed: int) -> list[Record]:
+    return [encode_problem(p, task, ByteTokenizer(), seq_len) for p in heldout(task, eval_size, seed)]
+
+
+def _text_eval_records(corpus: TextCorpus, eval_size: int) -> list[Record]:
+    return [text_record(row) for row in corpus.val_rows[:eval_size]]
+
+
+def _check_args(*, kind, seq_len, eval_size, task, task_kwargs, path, batch_size=1) -> None:
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r} is not allowed; choose one of {list(KINDS)}")
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("eval_size", eval_size)):
         if value < 1:
             raise ValueError(f"{name}={value} must be >= 1")
-    tokenizer = ByteTokenizer()
     if kind == "task":
         if not task:
             raise ValueError(f"kind='task' needs a task name; choose one of {sorted(TASKS)}")
-        if text_path:
-            raise ValueError(f"text_path={text_path!r} is only used with kind='text', not kind='task'")
-        the_task = get_task(task, **dict(task_kwargs or {}))
-        source = TaskSource(the_task, seq_len, seed, tokenizer=tokenizer)
-        train = make_train_dataset(source, batch_size=batch_size, seed=seed, shuffle=False,
-                                   read_options=read_options)
-        evals = [encode_problem(p, the_task, tokenizer, seq_len) for p in heldout(the_task, eval_size, seed)]
-        return train, evals, tokenizer, the_task
-    if not text_path:
-        raise ValueError("kind='text' needs text_path: a file, a directory of *.txt/*.md files, or a glob")
+        if path:
+            raise ValueError(f"path={path!r} is only used with kind='text', not kind='task'")
+        return
+    if not path:
+        raise ValueError("kind='text' needs path: a file, a directory of *.txt/*.md files, or a glob")
     if task or task_kwargs:
         raise ValueError(f"task={task!r}, task_kwargs={task_kwargs!r} are only used with kind='task'; "
                          "pass task=None with kind='text'")
-    corpus = TextCorpus.load(text_path, seq_len=seq_len, tokenizer=tokenizer, val_frac=val_frac,
-                             split_paragraphs=split_paragraphs)
-    train = make_train_dataset(RowSource(corpus.train_rows), batch_size=batch_size, seed=seed, shuffle=True,
-                               read_options=read_options)
-    evals = [text_record(row) for row in corpus.val_rows[:eval_size]]
-    return train, evals, tokenizer, None

@@ -1,8 +1,8 @@
 """Per-process pipelines over corpus files: packed pre-training rows (`kind=corpus`) and SFT rows (`kind=sft`).
 
 Each process reads only its own documents (`formats.shard_range`), tokenizes and packs them, and yields
-`[batch_size / process_count, L]` batches; `assemble_global_batch` makes one global array of them with
-`jax.make_array_from_process_local_data`. Every process yields the same number of batches per epoch: the
+`[batch_size / process_count, L]` batches; `dlmjax.sharding.assemble_global_batch` makes one global array of them
+with `jax.make_array_from_process_local_data`. Every process yields the same number of batches per epoch: the
 training rows are cut to a count all processes agree on (the minimum over processes, `agree_min`),
 rounded down to whole local batches, so the dropped remainder is a deterministic tail of each shard.
 
@@ -23,8 +23,9 @@ import numpy as np
 from dlmjax.data.pipeline import DEFAULT_READ_OPTIONS
 from dlmjax.data.formats import CorpusIndex, local_batch_size, shard_range
 from dlmjax.data.packing import pack_documents, sft_rows
-from dlmjax.data.store import build_store_data
+from dlmjax.data.store import build_store_data, store_eval_records
 from dlmjax.data.tokenizer import Tokenizer, encode_in_chunks
+from dlmjax.errors import InputError
 
 SHARDED_KINDS = ("corpus", "sft", "packed")  # packed: a store written by `dlmjax pack`
 
@@ -103,11 +104,11 @@ def split_rows(rows: dict[str, np.ndarray], *, local_batch: int, val_frac: float
     """(train, eval) rows: the last `max(1, round(val_frac * n))` rows are eval; the train rows are cut to the
     count every process keeps (`train_rows`, or `agree_min`), rounded down to whole local batches."""
     n = len(rows["tokens"])
-    n_val = max(1, round(val_frac * n))
+    n_val = held_out_count(n, val_frac)
     n_train = agree_min(n - n_val, shard) if train_rows is None else min(train_rows, n - n_val)
     n_train -= n_train % local_batch
     if n_train < local_batch:
-        raise ValueError(f"process {shard.index} of {shard.count} has {n - n_val} training row(s) (after "
+        raise InputError(f"process {shard.index} of {shard.count} has {n - n_val} training row(s) (after "
                          f"{n_val} eval rows), fewer than one local batch of {local_batch}; add data, lower "
                          "data.batch_size or data.seq_len")
     return ({k: v[:n_train] for k, v in rows.items()}, {k: v[n - n_val:] for k, v in rows.items()})
@@ -124,8 +125,7 @@ def build_sharded_data(*, kind: str, path: str, fmt: str, tokenizer: Tokenizer, 
     `shard` defaults to this JAX process; tests simulate other processes with an explicit shard and
     `train_rows` (the agreed count that `agree_min` would compute collectively).
     """
-    if kind not in SHARDED_KINDS:
-        raise ValueError(f"data.kind={kind!r} is not allowed here; choose one of {list(SHARDED_KINDS)}")
+    _check_kind(kind)
     shard = shard or ProcessShard.current()
     if kind == "packed":  # rows tokenized and packed ahead of time (dlmjax.data.store)
         ds, evals = build_store_data(path=path, seq_len=seq_len, batch_size=batch_size, seed=seed,
@@ -133,28 +133,56 @@ def build_sharded_data(*, kind: str, path: str, fmt: str, tokenizer: Tokenizer, 
                                      val_frac=val_frac, read_options=read_options)
         return ds, evals, tokenizer, None
     local = local_batch_size(batch_size, shard.count)
-    index = CorpusIndex.build(path, fmt)
-    if kind == "corpus":
-        rows = corpus_rows(index, tokenizer, shard, seq_len=seq_len, block_size=block_size, text_field=text_field,
-                           record_type=record_type, packing=packing)
-    else:
-        rows = sft_rows_of(index, tokenizer, shard, seq_len=seq_len, prompt_field=prompt_field,
-                           response_field=response_field)
+    rows = _shard_rows(kind, path=path, fmt=fmt, tokenizer=tokenizer, shard=shard, seq_len=seq_len,
+                       block_size=block_size, text_field=text_field, prompt_field=prompt_field,
+                       response_field=response_field, record_type=record_type, packing=packing)
     train, val = split_rows(rows, local_batch=local, val_frac=val_frac, shard=shard, train_rows=train_rows)
     ds = grain.MapDataset.source(ArraySource(train)).shuffle(seed=seed).repeat().batch(local, drop_remainder=True)
-    evals = [{k: v[i] for k, v in val.items()} for i in range(min(eval_size, len(val["tokens"])))]
-    return ds.to_iter_dataset(read_options or DEFAULT_READ_OPTIONS), evals, tokenizer, None
+    return ds.to_iter_dataset(read_options or DEFAULT_READ_OPTIONS), _records(val, eval_size), tokenizer, None
 
 
-def assemble_global_batch(local_batch: Mapping[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-    """One global `[batch_size, L]` array per key from every process's `[batch_size / count, L]` rows.
+def sharded_eval_records(*, kind: str, path: str, fmt: str, tokenizer: Tokenizer, seq_len: int, block_size: int = 0,
+                         text_field: str = "text", prompt_field: str = "prompt", response_field: str = "response",
+                         record_type: str = "text", eval_size: int = 500, val_frac: float = 0.05,
+                         packing: str = "wrap", shard: ProcessShard | None = None) -> list[dict[str, np.ndarray]]:
+    """This process's held-out records, the same ones `build_sharded_data` returns, without the train stream.
 
-    `sharding` splits the batch axis over processes (the data-parallel `batch_sharding`); process p's rows
-    become global rows `[p * b, (p + 1) * b)` on its devices.
+    A store reads only its held-out rows. A corpus is still tokenized and packed (where a row ends depends on every
+    document before it), but the training rows are dropped as they are cut off, no train stream is built and no
+    collective runs, so any one process can evaluate alone.
     """
-    out = {}
-    for key, value in local_batch.items():
-        value = np.asarray(value)
-        global_shape = (value.shape[0] * jax.process_count(),) + value.shape[1:]
-        out[key] = jax.make_array_from_process_local_data(sharding, value, global_shape)
-    return out
+    _check_kind(kind)
+    shard = shard or ProcessShard.current()
+    if kind == "packed":
+        return store_eval_records(path=path, seq_len=seq_len, process_index=shard.index, process_count=shard.count,
+                                  eval_size=eval_size, val_frac=val_frac)
+    rows = _shard_rows(kind, path=path, fmt=fmt, tokenizer=tokenizer, shard=shard, seq_len=seq_len,
+                       block_size=block_size, text_field=text_field, prompt_field=prompt_field,
+                       response_field=response_field, record_type=record_type, packing=packing)
+    n = len(rows["tokens"])
+    return _records({k: v[n - held_out_count(n, val_frac):] for k, v in rows.items()}, eval_size)
+
+
+def held_out_count(n_rows: int, val_frac: float) -> int:
+    """How many of a process's last packed rows are held out: `max(1, round(val_frac * n_rows))`."""
+    return max(1, round(val_frac * n_rows))
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in SHARDED_KINDS:
+        raise ValueError(f"data.kind={kind!r} is not allowed here; choose one of {list(SHARDED_KINDS)}")
+
+
+def _shard_rows(kind: str, *, path: str, fmt: str, tokenizer: Tokenizer, shard: ProcessShard, seq_len: int,
+                block_size: int, text_field: str, prompt_field: str, response_field: str, record_type: str,
+                packing: str) -> dict[str, np.ndarray]:
+    index = CorpusIndex.build(path, fmt)
+    if kind == "corpus":
+        return corpus_rows(index, tokenizer, shard, seq_len=seq_len, block_size=block_size, text_field=text_field,
+                           record_type=record_type, packing=packing)
+    return sft_rows_of(index, tokenizer, shard, seq_len=seq_len, prompt_field=prompt_field,
+                       response_field=response_field)
+
+
+def _records(rows: dict[str, np.ndarray], limit: int) -> list[dict[str, np.ndarray]]:
+    return [{k: v[i] for k, v in rows.items()} for i in range(min(limit, len(rows["tokens"])))]

@@ -34,6 +34,7 @@ from dlmjax.data.pipeline import DEFAULT_READ_OPTIONS
 from dlmjax.data.formats import CorpusIndex, local_batch_size, shard_range
 from dlmjax.data.packing import iter_packed_rows, row_record
 from dlmjax.data.tokenizer import Tokenizer, encode_in_chunks
+from dlmjax.errors import ConfigError, InputError
 
 META = "meta.json"
 STORE_FORMAT = "dlmjax-packed-rows/1"
@@ -62,11 +63,15 @@ class StoreMeta:
     def read(cls, directory: str | Path) -> "StoreMeta":
         path = Path(directory).expanduser() / META
         if not path.is_file():
-            raise FileNotFoundError(f"data.path={str(directory)!r} is not a packed-row store (no {META}); write one "
-                                    "with `dlmjax pack --config C --out DIR`")
-        raw = json.loads(path.read_text())
-        if raw.get("format") != STORE_FORMAT:
-            raise ValueError(f"{path}: format {raw.get('format')!r} is not {STORE_FORMAT!r}; repack the corpus")
+            raise FileNotFoundError(2, f"data.path={str(directory)!r} is not a packed-row store (no {META}); write "
+                                       "one with `dlmjax pack --config C --out DIR`", str(path))
+        try:
+            raw = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"{path} is not valid JSON ({e}); repack the corpus") from e
+        if not isinstance(raw, dict) or raw.get("format") != STORE_FORMAT:
+            raw = raw if isinstance(raw, dict) else {}
+            raise InputError(f"{path}: format {raw.get('format')!r} is not {STORE_FORMAT!r}; repack the corpus")
         raw["files"] = tuple((str(name), int(rows)) for name, rows in raw["files"])
         return cls(**raw)
 
@@ -120,7 +125,7 @@ def write_store(index: CorpusIndex, tokenizer: Tokenizer, out: str | Path, *, se
         bar.close()
     if n_rows == 0:
         shutil.rmtree(partial)
-        raise ValueError(f"no documents to pack in {index.files[0] if index.files else 'the corpus'}")
+        raise InputError(f"no documents to pack in {index.files[0] if index.files else 'the corpus'}")
     meta = StoreMeta(seq_len=seq_len, block_size=block_size, packing=packing, tokenizer=tokenizer.name,
                      model_vocab_size=tokenizer.model_vocab_size, mask_id=tokenizer.mask_id, pad_id=tokenizer.pad_id,
                      bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, n_rows=n_rows, n_documents=len(index),
@@ -162,7 +167,7 @@ def split_store(meta: StoreMeta, *, process_index: int, process_count: int, val_
     n_val = max(process_count, round(val_frac * meta.n_rows))
     n_train = meta.n_rows - n_val
     if n_train < process_count:
-        raise ValueError(f"the store has {meta.n_rows} rows: too few for {process_count} processes and {n_val} "
+        raise InputError(f"the store has {meta.n_rows} rows: too few for {process_count} processes and {n_val} "
                          "held-out rows; pack more data")
     lo, hi = shard_range(n_train, process_index, process_count)
     vlo, vhi = shard_range(n_val, process_index, process_count)
@@ -179,34 +184,72 @@ def build_store_data(*, path: str, seq_len: int, batch_size: int, seed: int, pro
     """(train stream of local `[batch_size / count, L]` batches, local eval records) of a store."""
     meta = StoreMeta.read(path)
     if meta.seq_len != seq_len:
-        raise ValueError(f"data.seq_len={seq_len} does not match the store's rows of {meta.seq_len} tokens "
+        raise ConfigError(f"data.seq_len={seq_len} does not match the store's rows of {meta.seq_len} tokens "
                          f"({path}); set data.seq_len={meta.seq_len} or repack")
     local = local_batch_size(batch_size, process_count)
     (lo, hi), (vlo, vhi) = split_store(meta, process_index=process_index, process_count=process_count,
                                        val_frac=val_frac)
     if hi - lo < local:
-        raise ValueError(f"process {process_index} of {process_count} has {hi - lo} training rows, fewer than one "
+        raise InputError(f"process {process_index} of {process_count} has {hi - lo} training rows, fewer than one "
                          f"local batch of {local}; pack more data or lower data.batch_size")
     train = grain.MapDataset.source(PackedRowSource(str(path), lo, hi, seq_len))
     ds = train.shuffle(seed=seed).repeat().map(_decode).batch(local, drop_remainder=True)
-    held_out = PackedRowSource(str(path), vlo, vhi, seq_len)
-    evals = [_decode(held_out[i]) for i in range(min(eval_size, len(held_out)))]
+    evals = _held_out_records(path, vlo, vhi, seq_len, eval_size)
     return ds.to_iter_dataset(read_options or DEFAULT_READ_OPTIONS), evals
 
 
+def store_eval_records(*, path: str, seq_len: int, process_index: int, process_count: int, eval_size: int = 500,
+                       val_frac: float = 0.05) -> list[dict[str, np.ndarray]]:
+    """This process's held-out records of a store (the ones `build_store_data` returns), reading only those."""
+    meta = StoreMeta.read(path)
+    if meta.seq_len != seq_len:
+        raise ConfigError(f"data.seq_len={seq_len} does not match the store's rows of {meta.seq_len} tokens "
+                          f"({path}); set data.seq_len={meta.seq_len} or repack")
+    _, (vlo, vhi) = split_store(meta, process_index=process_index, process_count=process_count, val_frac=val_frac)
+    return _held_out_records(path, vlo, vhi, seq_len, eval_size)
+
+
+def _held_out_records(path: str, lo: int, hi: int, seq_len: int, eval_size: int) -> list[dict[str, np.ndarray]]:
+    held_out = PackedRowSource(str(path), lo, hi, seq_len)
+    return [_decode(held_out[i]) for i in range(min(eval_size, len(held_out)))]
+
+
 def check_store(meta: StoreMeta, cfg) -> None:
-    """Raise a ValueError naming the config field that disagrees with a store (vocabulary, mask id, rows, blocks)."""
+    """Raise a `ConfigError` naming the config field that disagrees with a store (vocabulary, mask id, rows, blocks)."""
     if cfg.model.vocab_size < meta.model_vocab_size:
-        raise ValueError(f"model.vocab_size={cfg.model.vocab_size} is too small for the store's tokenizer "
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is too small for the store's tokenizer "
                          f"{meta.tokenizer!r}: set model.vocab_size={meta.model_vocab_size}")
     if cfg.diffusion.mask_id != meta.mask_id:
-        raise ValueError(f"diffusion.mask_id={cfg.diffusion.mask_id} is not the mask id of the store's tokenizer "
+        raise ConfigError(f"diffusion.mask_id={cfg.diffusion.mask_id} is not the mask id of the store's tokenizer "
                          f"{meta.tokenizer!r}: set diffusion.mask_id={meta.mask_id}")
     if cfg.data.seq_len != meta.seq_len:
-        raise ValueError(f"data.seq_len={cfg.data.seq_len} does not match the store's rows of {meta.seq_len} tokens: "
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} does not match the store's rows of {meta.seq_len} tokens: "
                          f"set data.seq_len={meta.seq_len}")
     block = cfg.diffusion.block_size
     if block and (meta.block_size == 0 or meta.block_size % block):
-        raise ValueError(f"diffusion.block_size={block} needs documents aligned to multiples of {block}, but the "
+        raise ConfigError(f"diffusion.block_size={block} needs documents aligned to multiples of {block}, but the "
                          f"store was packed with block_size={meta.block_size}; repack with diffusion.block_size="
                          f"{block} (or a multiple of it)")
+
+
+def pack_corpus(cfg, out: str | Path, *, rows_per_file: int = 65536) -> dict:
+    """`dlmjax pack`: tokenize and pack the corpus of a `data.kind=corpus` config into a store at `out`.
+
+    Returns a summary (rows, documents, real tokens, fill, files). The config's vocabulary is checked against the
+    tokenizer before anything is read.
+    """
+    from dlmjax.data.formats import CorpusIndex  # noqa: PLC0415
+    from dlmjax.data.tokenizer import check_model_vocab, load_tokenizer  # noqa: PLC0415
+
+    d = cfg.data
+    if d.kind != "corpus":
+        raise ConfigError(f"dlmjax pack reads a corpus: data.kind={d.kind!r} must be 'corpus' (with data.path, "
+                          "data.format and data.tokenizer)", field="data.kind")
+    tokenizer = load_tokenizer(d.tokenizer)
+    check_model_vocab(tokenizer, vocab_size=cfg.model.vocab_size, mask_id=cfg.diffusion.mask_id)
+    meta = write_store(CorpusIndex.build(d.path, d.format), tokenizer, out, seq_len=d.seq_len,
+                       block_size=cfg.diffusion.block_size, packing=d.packing, text_field=d.text_field,
+                       record_type=d.record_type, rows_per_file=rows_per_file)
+    fill = meta.real_tokens / (meta.n_rows * meta.seq_len)
+    return {"out": str(out), "rows": meta.n_rows, "documents": meta.n_documents, "tokens": meta.real_tokens,
+            "fill": round(fill, 4), "files": len(meta.files)}

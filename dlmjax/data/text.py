@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from dlmjax.data.tokenizer import ByteTokenizer
+from dlmjax.errors import InputError
 
 TEXT_SUFFIXES = (".txt", ".md")
 _BLANK_LINES = re.compile(r"\n\s*\n")  # one or more blank lines
@@ -35,7 +36,7 @@ def resolve_text_files(spec: str) -> list[Path]:
         files = [Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file()]
     if not files:
         kinds = " or ".join("*" + s for s in TEXT_SUFFIXES)
-        raise FileNotFoundError(f"no text files found for text_path={spec!r}; give a file, a directory holding "
+        raise FileNotFoundError(f"no text files found for data.path={spec!r}; give a file, a directory holding "
                                 f"{kinds} files, or a glob such as 'data/**/*.txt'")
     return sorted(files)
 
@@ -104,8 +105,8 @@ class TextCorpus:
         rows = pack_rows(read_documents(files, split_paragraphs=split_paragraphs), tokenizer, seq_len)
         n_val = max(1, round(val_frac * len(rows)))
         if len(rows) - n_val < 1:
-            raise ValueError(f"text_path={spec!r} gives only {len(rows)} row(s) of seq_len={seq_len}, too few for "
-                             f"a training row and {n_val} validation row(s); add text or lower seq_len")
+            raise InputError(f"data.path={spec!r} gives only {len(rows)} row(s) of data.seq_len={seq_len}, too few "
+                             f"for a training row and {n_val} validation row(s); add text or lower data.seq_len")
         return cls(rows=rows, n_val=n_val)
 
     @property

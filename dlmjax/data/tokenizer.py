@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import errno
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar, Protocol
 
 import numpy as np
+
+from dlmjax.errors import ConfigError
 
 NUM_BYTES = 256
 PAD_ID = 256
@@ -193,7 +196,7 @@ class HFTokenizer(_SubwordTokenizer):
         vocab = self._tok.get_vocab(with_added_tokens=True)
         found = {role: next((vocab[t] for t in names if t in vocab), None) for role, names in _HF_SPECIALS.items()}
         if found["eos"] is None:
-            raise ValueError(f"tokenizer {str(path)!r} has no end-of-sequence token; add one of "
+            raise ConfigError(f"data.tokenizer={str(path)!r} has no end-of-sequence token; add one of "
                              f"{list(_HF_SPECIALS['eos'])} to it (documents are separated by EOS)")
         bos = found["eos"] if found["bos"] is None else found["bos"]
         super().__init__(self._tok.get_vocab_size(with_added_tokens=True), bos_id=bos, eos_id=found["eos"],
@@ -220,7 +223,7 @@ class SentencePieceTokenizer(_SubwordTokenizer):
         self._sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         sp = self._sp
         if sp.eos_id() < 0 or sp.bos_id() < 0:
-            raise ValueError(f"sentencepiece model {str(path)!r} has bos_id={sp.bos_id()}, eos_id={sp.eos_id()}; "
+            raise ConfigError(f"data.tokenizer={str(path)!r} (SentencePiece) has bos_id={sp.bos_id()}, eos_id={sp.eos_id()}; "
                              "train it with bos_id and eos_id >= 0 (the pipelines frame documents with them)")
         mask = sp.piece_to_id("<mask>")
         mask = None if mask == sp.unk_id() else mask
@@ -241,26 +244,43 @@ TOKENIZER_KINDS = ("byte", "a path to tokenizer.json (Hugging Face)", "a path to
 
 
 def load_tokenizer(spec: str = "byte") -> Tokenizer:
-    """`data.tokenizer` -> a tokenizer: "byte", a `*.json` file (Hugging Face) or a `*.model` file (SentencePiece)."""
+    """`data.tokenizer` -> a tokenizer: "byte", a `*.json` file (Hugging Face) or a `*.model` file (SentencePiece).
+
+    A file that is missing raises `FileNotFoundError` (with its name); one the library cannot read, or that lacks
+    the special tokens the pipelines need, a `ConfigError` naming `data.tokenizer`.
+    """
     if spec in ("", "byte"):
         return ByteTokenizer()
     path = Path(spec).expanduser()
     if path.suffix not in (".json", ".model"):
-        raise ValueError(f"data.tokenizer={spec!r} is not allowed; use one of: {'; '.join(TOKENIZER_KINDS)}")
+        raise ConfigError(f"data.tokenizer={spec!r} is not allowed; use one of: {'; '.join(TOKENIZER_KINDS)}",
+                          field="data.tokenizer")
     if not path.is_file():
-        raise FileNotFoundError(f"data.tokenizer={spec!r}: no such file")
-    return HFTokenizer(path) if path.suffix == ".json" else SentencePieceTokenizer(path)
+        raise FileNotFoundError(errno.ENOENT, f"data.tokenizer={spec!r}: no such file", str(path))
+    kind = HFTokenizer if path.suffix == ".json" else SentencePieceTokenizer
+    try:
+        return kind(path)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - both libraries raise plain Exceptions (or RuntimeError) on a bad file
+        raise ConfigError(f"data.tokenizer={spec!r} cannot be read as a {kind.__name__} file: "
+                          f"{' '.join(str(e).split())[:300]}", field="data.tokenizer") from e
 
 
 def check_model_vocab(tokenizer: Tokenizer, *, vocab_size: int, mask_id: int) -> None:
-    """Raise a ValueError naming `model.vocab_size` / `diffusion.mask_id` when they disagree with `tokenizer`."""
-    if vocab_size < tokenizer.model_vocab_size:
-        raise ValueError(f"model.vocab_size={vocab_size} is too small for data.tokenizer={tokenizer.name!r}: "
-                         f"set model.vocab_size={tokenizer.model_vocab_size} (its ids and the mask id)")
-    if mask_id != tokenizer.mask_id:
-        raise ValueError(f"diffusion.mask_id={mask_id} is not the mask id of data.tokenizer={tokenizer.name!r}: "
-                         f"set diffusion.mask_id={tokenizer.mask_id}")
+    """Raise a `ConfigError` naming `model.vocab_size` / `diffusion.mask_id` when they disagree with `tokenizer`.
 
+    The mask id must be the tokenizer's own mask id: any other id is either a real token of the data (the model
+    would learn to predict the mask from it) or outside the tokenizer's ids.
+    """
+    if vocab_size < tokenizer.model_vocab_size:
+        raise ConfigError(f"model.vocab_size={vocab_size} is too small for data.tokenizer={tokenizer.name!r}: "
+                          f"set model.vocab_size={tokenizer.model_vocab_size} (its ids and the mask id)",
+                          field="model.vocab_size")
+    if mask_id != tokenizer.mask_id:
+        real = " (a token the data uses)" if 0 <= mask_id < tokenizer.vocab_size else ""
+        raise ConfigError(f"diffusion.mask_id={mask_id}{real} is not the mask id of data.tokenizer="
+                          f"{tokenizer.name!r}: set diffusion.mask_id={tokenizer.mask_id}", field="diffusion.mask_id")
 
 
 def encode_in_chunks(tokenizer: Tokenizer, texts: Iterable[str], chunk: int = 1024) -> Iterator[np.ndarray]:

@@ -7,7 +7,7 @@
 - `masks`: `bd3_training_mask` / `bd3_allowed`, block diffusion's [x_t ; x_0] attention rule.
 - `block`: BD3-LM's per-block times (`block_times`), two-stream inputs and per-token NELBO terms.
 
-Terms (mask id, alpha(t), weight, SUBS, block, ...) are those of the glossary in ALGORITHMS.md §0: `t = 0` is
+Terms (mask id, alpha(t), weight, SUBS, block, ...) are those of the glossary in `dlmjax/__init__.py`: `t = 0` is
 clean, `t = 1` fully masked, `alpha(t)` the probability that a slot is still clean, mask probability
 `1 - alpha(t)`, ELBO weight `-alpha'(t) / (1 - alpha(t))`.
 """

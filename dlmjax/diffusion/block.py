@@ -1,4 +1,4 @@
-"""Block diffusion (BD3-LM) pieces that do not touch the model (ALGORITHMS.md §1.3, §2.3, §2.4).
+"""Block diffusion (BD3-LM) pieces that do not touch the model.
 
 The BD3-LM objective factorises `log p(x)` over blocks of `L'` tokens and trains all blocks in one pass:
 the model reads `[x_t ; x_0]` (2L slots, both halves at positions 0..L-1) under

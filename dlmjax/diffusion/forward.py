@@ -1,4 +1,4 @@
-"""The absorbing-state forward process q(x_t | x_0) and the draw of diffusion times (ALGORITHMS.md §1).
+"""The absorbing-state forward process q(x_t | x_0) and the draw of diffusion times.
 
 Randomness enters only through explicit uniforms (`t_from_uniform`, `forward_sample`), so tests and
 parity checks can inject the same numbers as the PyTorch references; `sample_t` and `mask_tokens` are
@@ -50,7 +50,7 @@ def forward_sample(
     protect: jax.Array | None = None,
     inclusive: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """Mask each slot of `x0` independently: `x_t = mask_id` where `u < mask_prob` (ALGORITHMS.md §1).
+    """Mask each slot of `x0` independently: `x_t = mask_id` where `u < mask_prob`.
 
     The comparison is strict as in MDLM's `q_xt`; `inclusive=True` uses `u <= mask_prob` as BD3-LM
     does. The two differ only at the edge `u == p` (e.g. `p = 0` masks nothing only when strict).

@@ -3,7 +3,7 @@
 All take raw logits `[B, L, V]` (any float dtype; the math runs in float32, as the references run it
 in an fp32 autocast region) and clean tokens `x0 int[B, L]`. Log-probabilities are computed as
 `logit[target] - logsumexp(logits)`, i.e. log-softmax read at the target, so nothing larger than
-`[B, L, V]` is built. Formulas and normalisers: ALGORITHMS.md §2.1-2.2 and §5.2.
+`[B, L, V]` is built. Each loss states its formula and normaliser in its docstring.
 """
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def llada_pretrain_loss(
 def llada_sft_loss(
     logits: jax.Array, x0: jax.Array, is_masked: jax.Array, p_mask: jax.Array, prompt_mask: jax.Array
 ) -> jax.Array:
-    """LLaDA SFT loss (ML-GSAI/LLaDA: GUIDELINES.md; ALGORITHMS.md §2.2).
+    """LLaDA SFT loss (ML-GSAI/LLaDA: GUIDELINES.md).
 
     `(1 / B) * sum over masked answer slots (b, i) of CE_{b,i} / (p_b * A_b)`, with `A_b` the number of
     non-prompt slots of row `b` (EOS padding of the answer included). Prompt slots never count, even if

@@ -1,4 +1,4 @@
-"""Attention masks of block diffusion (BD3-LM), as index rules (ALGORITHMS.md §2.3).
+"""Attention masks of block diffusion (BD3-LM), as index rules.
 
 BD3-LM trains every block in one pass over `[x_t ; x_0]` (length 2L). Slot `i < L` is the noisy copy of
 position `i`, slot `L + i` the clean copy. With `c(i) = [i >= L]` (clean half) and

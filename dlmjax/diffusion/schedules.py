@@ -1,4 +1,4 @@
-"""Masking schedules for the absorbing-state forward process (ALGORITHMS.md §1.1-1.4).
+"""Masking schedules for the absorbing-state forward process.
 
 A schedule is a frozen (hashable) dataclass, so it can be a static argument of `jax.jit`. All methods
 are pure jnp functions of `t` (any shape, `t = 0` clean, `t = 1` fully masked) and return the same

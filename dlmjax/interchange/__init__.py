@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -45,7 +46,7 @@ OBJECTIVES = {"llada": "llada", "dream": "llada", "mdlm": "mdlm", "bd3lm": "bd3"
 HF_DIR, MANIFEST, PASSTHROUGH_FILE = "hf", "manifest.json", "passthrough.safetensors"
 COPIED_FILES = (CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE)
 DEFAULT_SEQ_LEN = 1024  # data.seq_len of an imported model (capped at its context)
-TEXT_PATH_PLACEHOLDER = "<set data.text_path to fine-tune>"
+DATA_PATH_PLACEHOLDER = "<set data.path to fine-tune>"
 
 
 def get_module(arch: str):
@@ -79,7 +80,7 @@ def build_config(model_cfg: ModelConfig, meta: dict, arch: str) -> Config:
             seq_len = max(block, seq_len // block * block)
     try:
         return Config(model=model_cfg, diffusion=DiffusionConfig(**diffusion),
-                      data=DataConfig(kind="text", text_path=TEXT_PATH_PLACEHOLDER, seq_len=seq_len, batch_size=8))
+                      data=DataConfig(kind="text", path=DATA_PATH_PLACEHOLDER, seq_len=seq_len, batch_size=8))
     except ValueError as e:
         raise InterchangeError(f"--arch {arch}: the imported settings do not form a valid dlmjax config: {e}") from None
 
@@ -166,27 +167,51 @@ def _manifest(ckpt: HFCheckpoint, arch: str, meta: dict, passthrough: dict, copi
     }
 
 
-def convert_from_hf(hf_dir, arch: str, out, mesh=None) -> Path:
-    """Import `hf_dir` and write a params-only export at `out` (+ `out/hf/` for a faithful export later)."""
-    out = Path(out)
-    if (out / "params").exists() or (out / HF_DIR).exists():
-        raise InterchangeError(f"{out} already holds a converted checkpoint; choose a new --out")
-    ckpt, cfg, params, meta, passthrough = _import(hf_dir, arch, mesh)
-    hf_out = out / HF_DIR
-    hf_out.mkdir(parents=True)
-    copied = []
-    for name in COPIED_FILES:
-        if (ckpt.directory / name).is_file():
-            shutil.copyfile(ckpt.directory / name, hf_out / name)
-            copied.append(name)
-    if passthrough:
-        specs = [(n, dtype_name(a.dtype), tuple(a.shape)) for n, a in passthrough.items()]
-        write_safetensors(hf_out / PASSTHROUGH_FILE, specs, passthrough.__getitem__)
-    (hf_out / MANIFEST).write_text(json.dumps(_manifest(ckpt, arch, meta, passthrough, copied), indent=1))
-    ckpt.close()
-    from dlmjax.checkpoint import save_params  # noqa: PLC0415
+def check_new_output(out, flag: str = "--out") -> Path:
+    """`out` made absolute, if it is a folder that does not exist yet or is empty; otherwise InterchangeError
+    naming `flag` and the folder (nothing of a user's is ever overwritten or mixed into)."""
+    out = Path(out).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise InterchangeError(f"{flag} {out} is a file; give a new folder (it is created) or an empty one")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held:
+        what = ("already holds a converted checkpoint" if {"params", HF_DIR} & set(held) else
+                f"is a folder that is not empty (it holds {held[:3]}{' ...' if len(held) > 3 else ''})")
+        raise InterchangeError(f"{flag} {out} {what}; give a new folder (it is created) or an empty one: nothing in "
+                               f"an existing folder is overwritten")
+    return out
 
-    return save_params(out, cfg, params)
+
+def convert_from_hf(hf_dir, arch: str, out, mesh=None) -> Path:
+    """Import `hf_dir` and write a params-only export at `out` (+ `out/hf/` for a faithful export later).
+
+    `out` must be new or empty (checked before anything is read). The export is written into a hidden sibling
+    folder and renamed to `out` when complete, so a failed or interrupted conversion leaves no partial `out`.
+    """
+    out = check_new_output(out)
+    ckpt, cfg, params, meta, passthrough = _import(hf_dir, arch, mesh)
+    staging = out.parent / f".{out.name}.converting-{os.getpid()}"
+    try:
+        hf_out = staging / HF_DIR
+        hf_out.mkdir(parents=True)
+        copied = []
+        for name in COPIED_FILES:
+            if (ckpt.directory / name).is_file():
+                shutil.copyfile(ckpt.directory / name, hf_out / name)
+                copied.append(name)
+        if passthrough:
+            specs = [(n, dtype_name(a.dtype), tuple(a.shape)) for n, a in passthrough.items()]
+            write_safetensors(hf_out / PASSTHROUGH_FILE, specs, passthrough.__getitem__)
+        (hf_out / MANIFEST).write_text(json.dumps(_manifest(ckpt, arch, meta, passthrough, copied), indent=1))
+        ckpt.close()
+        from dlmjax.checkpoint import save_params  # noqa: PLC0415
+
+        save_params(staging, cfg, params)
+        staging.rename(out)  # atomic; replaces `out` only if it is an empty folder
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
 
 
 def _read_manifest(ckpt: Path) -> dict | None:
@@ -203,17 +228,15 @@ def _default_meta(cfg: Config) -> dict:
     return meta
 
 
-def special_tokens(ckpt, cfg: Config) -> dict:
-    """Token ids of a checkpoint: {mask_id, eos_id, pad_id, bos_id} (None where unknown).
-
-    From the import manifest of a `convert --from-hf` export (the original config.json's ids), else the byte
-    tokenizer's ids for a model trained here.
-    """
-    manifest = _read_manifest(Path(ckpt))
-    meta = dict(_default_meta(cfg))
-    if manifest is not None:
-        meta.update({k: v for k, v in manifest.get("meta", {}).items() if k.endswith("_id")})
-    return meta
+def imported_token_ids(ckpt) -> dict | None:
+    """The token ids ({mask_id, eos_id, pad_id, bos_id, ...}, None where the original had none) that the import
+    manifest of a `convert --from-hf` export recorded from the original config.json; None if `ckpt` was not
+    imported (`dlmjax.inference.special_tokens` then asks the run's tokenizer)."""
+    path = Path(ckpt)
+    manifest = _read_manifest(path) if path.is_dir() else None
+    if manifest is None:
+        return None
+    return {k: v for k, v in manifest.get("meta", {}).items() if k.endswith("_id")}
 
 
 def export_to_hf(ckpt, out) -> Path:
@@ -221,11 +244,12 @@ def export_to_hf(ckpt, out) -> Path:
     path of a llada/dream model) as a Hugging Face folder `out`.
 
     With the `hf/` manifest of an import: the recorded tensor names, order, dtypes, shards, index and config files;
-    otherwise one float `model.safetensors` and a config.json generated from the dlmjax config.
+    otherwise one float `model.safetensors` and a config.json generated from the dlmjax config. `out` must be new
+    or empty (checked first); it is written under a hidden sibling name and renamed when complete.
     """
     from dlmjax.checkpoint import load  # noqa: PLC0415
 
-    ckpt, out = Path(ckpt), Path(out)
+    ckpt, out = Path(ckpt), check_new_output(out)
     manifest = _read_manifest(ckpt)
     cfg, params = load(ckpt)
     if manifest is None:
@@ -265,24 +289,26 @@ def export_to_hf(ckpt, out) -> Path:
         if list(a.shape) != t["shape"]:
             raise InterchangeError(f"export: tensor {t['name']!r} has shape {list(a.shape)}; the imported checkpoint "
                                    f"had {t['shape']}")
-    out.mkdir(parents=True, exist_ok=True)
-    written = [s["file"] for s in manifest["shards"]] + list(manifest["copied_files"]) + list(generated)
-    clash = [f for f in written if (out / f).exists()]
-    if clash:
-        raise InterchangeError(f"export: {out} already holds {clash}; choose an empty --out")
 
     def get(name, dtype):
         a = tensors[name] if name in tensors else passthrough[name]
         return np.asarray(a).astype(DTYPES[dtype], copy=False)
 
-    for shard in manifest["shards"]:
-        specs = [(t["name"], t["dtype"], tuple(t["shape"])) for t in shard["tensors"]]
-        dtypes = {t["name"]: t["dtype"] for t in shard["tensors"]}
-        write_safetensors(out / shard["file"], specs, lambda n: get(n, dtypes[n]), shard["metadata"])
-    for name in manifest["copied_files"]:
-        shutil.copyfile(ckpt / HF_DIR / name, out / name)
-    for name, text in generated.items():
-        (out / name).write_text(text)
+    staging = out.parent / f".{out.name}.exporting-{os.getpid()}"
+    try:
+        staging.mkdir(parents=True)
+        for shard in manifest["shards"]:
+            specs = [(t["name"], t["dtype"], tuple(t["shape"])) for t in shard["tensors"]]
+            dtypes = {t["name"]: t["dtype"] for t in shard["tensors"]}
+            write_safetensors(staging / shard["file"], specs, lambda n: get(n, dtypes[n]), shard["metadata"])
+        for name in manifest["copied_files"]:
+            shutil.copyfile(ckpt / HF_DIR / name, staging / name)
+        for name, text in generated.items():
+            (staging / name).write_text(text)
+        staging.rename(out)  # atomic; replaces `out` only if it is an empty folder
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out
 
 
@@ -301,6 +327,7 @@ def forward_logits(cfg: Config, params, input_ids, sigma=None) -> np.ndarray:
     import jax.numpy as jnp  # noqa: PLC0415
 
     from dlmjax.diffusion.block import two_stream_inputs  # noqa: PLC0415
+    from dlmjax.errors import InputError  # noqa: PLC0415
     from dlmjax.models.attention import Bd3TrainingMask, FullMask  # noqa: PLC0415
     from dlmjax.models.transformer import build_model  # noqa: PLC0415
 
@@ -308,22 +335,27 @@ def forward_logits(cfg: Config, params, input_ids, sigma=None) -> np.ndarray:
     if ids.ndim == 1:
         ids = ids[None]
     if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input ids must be integers of shape [batch, length] or [length]; got {ids.dtype} "
+        raise InputError(f"input ids must be integers of shape [batch, length] or [length]; got {ids.dtype} "
                          f"{list(np.shape(input_ids))}")
     vocab = cfg.model.vocab_size
     if ids.min() < 0 or ids.max() >= vocab:
-        raise ValueError(f"input ids must be in [0, model.vocab_size={vocab}); got min {ids.min()}, max {ids.max()}")
+        raise InputError(f"input ids must be in [0, model.vocab_size={vocab}); got min {ids.min()}, max {ids.max()}")
     b, n = ids.shape
     kwargs = {}
     if sigma is not None:
         if cfg.model.arch != "dit":
-            raise ValueError(f"--sigma applies to DiT models (model.arch=dit: mdlm / bd3lm imports); this checkpoint "
+            raise InputError(f"--sigma applies to DiT models (model.arch=dit: mdlm / bd3lm imports); this checkpoint "
                              f"has model.arch={cfg.model.arch}, whose forward takes no noise level")
-        s = np.asarray(sigma, np.float32).reshape(-1)
+        try:
+            s = np.asarray(sigma, np.float32).reshape(-1)
+        except (TypeError, ValueError):
+            raise InputError(f"sigma must be numbers (one per row or one scalar); got {sigma!r}") from None
+        if not np.isfinite(s).all():
+            raise InputError(f"sigma must be finite; got {s.tolist()[:8]}")
         if s.size == 1:
             s = np.broadcast_to(s, (b,))
         if s.shape != (b,):
-            raise ValueError(f"sigma must hold one value per row ([{b}]) or one scalar; got shape "
+            raise InputError(f"sigma must hold one value per row ([{b}]) or one scalar; got shape "
                              f"{list(np.shape(sigma))}")
         kwargs["sigma"] = jnp.asarray(s)
     mask = FullMask()
@@ -332,7 +364,30 @@ def forward_logits(cfg: Config, params, input_ids, sigma=None) -> np.ndarray:
         mask = Bd3TrainingMask(half, cfg.diffusion.block_size or half)
         _, kwargs["positions"], _ = two_stream_inputs(ids[:, :half], ids[:, half:], np.ones((b, half), bool))
     elif n > cfg.model.max_seq_len:
-        raise ValueError(f"input length {n} exceeds the model's context model.max_seq_len={cfg.model.max_seq_len}")
+        raise InputError(f"input length {n} exceeds the model's context model.max_seq_len={cfg.model.max_seq_len}")
     model = build_model(cfg.model, mask)
     logits = jax.jit(lambda p, t, kw: model.apply({"params": p}, t, **kw))(params, jnp.asarray(ids, jnp.int32), kwargs)
     return np.asarray(logits, np.float32)
+
+
+def forward_to_file(checkpoint, input_ids_path, out, sigma_path=None) -> dict:
+    """`dlmjax forward`: raw float32 logits of one forward pass over the ids in a .npy file, written to `out`."""
+    from dlmjax.checkpoint import load  # noqa: PLC0415
+
+    ids = _load_npy(input_ids_path, "--input-ids")
+    sigma = _load_npy(sigma_path, "--sigma") if sigma_path else None
+    cfg, params = load(checkpoint)
+    logits = forward_logits(cfg, params, ids, sigma)
+    np.save(out, logits)
+    return {"out": str(out), "shape": list(logits.shape)}
+
+
+def _load_npy(path, flag: str):
+    from dlmjax.errors import InputError  # noqa: PLC0415
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise FileNotFoundError(2, f"{flag} file {str(path)!r} does not exist", str(path)) from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"{flag} file {str(path)!r} is not a readable .npy array ({e})") from None

@@ -1,4 +1,4 @@
-"""Checkpoint interchange for the MDLM / BD3-LM DiT (`--arch mdlm|bd3lm`; ALGORITHMS.md §3.1).
+"""Checkpoint interchange for the MDLM / BD3-LM DiT (`--arch mdlm|bd3lm`).
 
 Two config.json layouts are read:
 - the HF wrapper's flat config (`BD3LMConfig`: `hidden_dim`, `cond_dim`, `n_blocks`, `n_heads`, `model_length`,

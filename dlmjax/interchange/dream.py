@@ -1,4 +1,4 @@
-"""Dream checkpoints (Dream-org/Dream-v0-*-7B: a bidirectional Qwen2; ALGORITHMS.md §3.3) <-> dlmjax
+"""Dream checkpoints (Dream-org/Dream-v0-*-7B: a bidirectional Qwen2) <-> dlmjax
 `Transformer` with `model.arch dream` (q/k/v biases, grouped-query attention, RMSNorm eps from config.json).
 
     model.embed_tokens.weight                          [V, D]     -> wte

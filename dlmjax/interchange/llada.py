@@ -1,4 +1,4 @@
-"""LLaDA checkpoints (GSAI-ML/LLaDA-8B-*; ALGORITHMS.md §3.2) <-> dlmjax `Transformer` (model.arch llada).
+"""LLaDA checkpoints (GSAI-ML/LLaDA-8B-*) <-> dlmjax `Transformer` (model.arch llada).
 
 dlmjax's parameter names are LLaDA's, so the mapping is a rename plus a transpose of every projection (torch
 `Linear` stores `[out, in]`, dlmjax kernels are `[in, out]`):

@@ -6,8 +6,8 @@ so that training objectives and samplers never name an architecture.
 """
 from dlmjax.config import ModelConfig
 from dlmjax.models.attention import Bd3TrainingMask, BlockCausalMask, CausalMask, FullMask, MaskSpec, attention
-from dlmjax.models.transformer import Denoiser, Transformer, build_model, count_params, init_cache, init_params
+from dlmjax.models.transformer import Transformer, build_model, count_params, init_cache, init_params
 from dlmjax.models.dit import DiT  # after transformer, which it builds on
 
-__all__ = ["Bd3TrainingMask", "BlockCausalMask", "CausalMask", "Denoiser", "DiT", "FullMask", "MaskSpec",
+__all__ = ["Bd3TrainingMask", "BlockCausalMask", "CausalMask", "DiT", "FullMask", "MaskSpec",
            "ModelConfig", "Transformer", "attention", "build_model", "count_params", "init_cache", "init_params"]

@@ -1,4 +1,4 @@
-"""The MDLM / BD3-LM diffusion transformer (DiT; ALGORITHMS.md §3.1), `model.arch=dit`.
+"""The MDLM / BD3-LM diffusion transformer (DiT), `model.arch=dit`.
 
 The network of kuleshov-group/mdlm `models/dit.py` and kuleshov-group/bd3lms `models/dit.py` (`DIT`, `DDiTBlock`,
 `DDiTFinalLayer`), written for Flax with the call signature of `dlmjax.models.transformer.Transformer`, so that the
@@ -23,7 +23,7 @@ and softmax in float32, logits come out float32. One deliberate difference: rota
 off (mdlm/bd3lms `_process_sigma`, the BD3 HF backbone), so callers of a `time_conditioning=False` model pass nothing.
 Note that sigma = 0 does not switch the modulation off: c = SiLU(sigma_map(0)) comes from the biases.
 
-BD3-LM training (`DiT(cfg, Bd3TrainingMask(L, L'))` on `[x_t ; x_0]` with positions 0..L-1 on both halves, §2.3) is
+BD3-LM training (`DiT(cfg, Bd3TrainingMask(L, L'))` on `[x_t ; x_0]` with positions 0..L-1 on both halves) is
 what the reference computes by rotating each half separately with the same table and masking with `block_diff_mask`.
 
 KV cache: the protocol of `Transformer` (see its module docstring): `init_cache`, K stored after RoPE, `update_cache`
@@ -167,7 +167,7 @@ class SigmaMap(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """`DDiTBlock`: adaLN-modulated pre-LN attention and GELU(tanh) MLP, each gated (ALGORITHMS.md §3.1)."""
+    """`DDiTBlock`: adaLN-modulated pre-LN attention and GELU(tanh) MLP, each gated."""
 
     config: ModelConfig
     mask: MaskSpec = FullMask()

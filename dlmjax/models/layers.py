@@ -1,6 +1,6 @@
 """Building blocks of the LLaDA/LLaMA-style transformer: RMSNorm, rotary embeddings, SwiGLU.
 
-Numeric conventions follow the LLaDA reference (ALGORITHMS.md §3.2, §5.6): RMSNorm normalises in float32,
+Numeric conventions follow the LLaDA reference: RMSNorm normalises in float32,
 casts back to the input dtype and only then multiplies by the weight; rotary embeddings rotate q and k in
 float32 with the NeoX rotate-half layout.
 """

@@ -1,8 +1,8 @@
 """The LLaDA/LLaMA-style bidirectional transformer (the default dlmjax denoiser; also Dream / Qwen2).
 
 `model.arch=dream` is the same network with biases on q/k/v (`model.qkv_bias`), grouped-query attention and
-logits shifted by one position when sampling (hidden state i - 1 predicts token i; the samplers apply the
-shift, the forward returns raw logits).
+logits shifted by one position when sampling (hidden state i - 1 predicts token i; `dlmjax.sampling.Denoiser`
+applies the shift, the forward returns raw logits).
 
 Pure Flax Linen: `Transformer(config).init(...)` gives an explicit parameter pytree and `.apply(...)` is a
 pure function of it. Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`,
@@ -12,15 +12,13 @@ table (`mesh.rules`, default `dlmjax.sharding.LOGICAL_RULES`) maps them onto the
 Parameter names follow the released LLaDA checkpoints (`wte`, `attn_norm`, `q_proj`, ..., `ff_out`, `ln_f`)
 so that checkpoint interchange is a rename and a transpose.
 
-KV cache (block diffusion, ALGORITHMS.md §4.4, §4.10): `Transformer(...)(chunk, positions=..., cache=...)` runs a
+KV cache (block diffusion): `Transformer(...)(chunk, positions=..., cache=...)` runs a
 chunk of `n` slots against the valid entries of a cache plus the chunk itself and returns `(logits, cache)`. With
 `update_cache=True` (PREFILL / COMMIT) the chunk's per-layer K/V are written at `[index, index + n)`; without it
 (DENOISE) the cache is returned untouched. K is stored after RoPE: positions are absolute, so a cached key never
 needs re-rotating. Without `cache` the call is exactly the uncached forward it always was.
 """
 from __future__ import annotations
-
-import dataclasses
 
 import flax.linen as nn
 import jax
@@ -246,56 +244,15 @@ def count_params(params) -> int:
     return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))
 
 
-@dataclasses.dataclass(frozen=True)
-class Denoiser:
-    """Hashable, static view of a model for samplers: (params, tokens, key_mask) -> float32 logits [B, L, V],
-    position-aligned (Dream's shifted logits are shifted back here; DiT models get sigma = 0).
-
-    Rotary positions count attended tokens only (`cumsum(key_mask) - 1`, as Dream does under padding), so a
-    left-padded row computes exactly what the unpadded row computes.
-
-    Samplers take it as a static argument of `jax.jit` and the parameters as a traced argument, so weights
-    are never baked into the compiled program. The cached samplers use `init_cache` and `forward_cached`.
-    """
-
-    config: ModelConfig
-    mask: MaskSpec = FullMask()
-
-    @property
-    def shifted(self) -> bool:
-        """True for Dream: raw row i - 1 predicts token i (`forward_cached` returns raw, unshifted logits)."""
-        return self.config.arch == "dream"
-
-    def __call__(self, params, tokens, key_mask=None, positions=None):
-        if positions is None and key_mask is not None:
-            positions = padded_positions(key_mask)
-        logits = build_model(self.config, self.mask).apply({"params": params}, tokens, key_mask=key_mask,
-                                                           positions=positions)
-        if self.shifted:
-            # Dream predicts token i from hidden state i - 1 (its AR heritage); samplers see position-aligned
-            # logits, so every sampler handles Dream checkpoints without knowing about the shift.
-            logits = shift_logits(logits)
-        return logits
-
-    def init_cache(self, batch: int, length: int):
-        return init_cache(self.config, batch, length)
-
-    def forward_cached(self, params, tokens, *, positions, key_mask, cache, update_cache=False):
-        """A chunk against the valid cache slots (see `Transformer.__call__`) -> (raw logits [B, n, V], cache)."""
-        return build_model(self.config, self.mask).apply(
-            {"params": params}, tokens, positions=positions, key_mask=key_mask, cache=cache,
-            update_cache=update_cache)
-
-
 def padded_positions(key_mask: jax.Array) -> jax.Array:
     """Rotary positions int32[B, L] that count real tokens only: `cumsum(key_mask) - 1`, 0 on leading padding."""
     return jnp.clip(jnp.cumsum(key_mask.astype(jnp.int32), axis=1) - 1, 0)
 
 
 def shift_logits(logits: jax.Array) -> jax.Array:
-    """Dream's shifted-logit convention (ALGORITHMS.md §3.3): position i is predicted by raw row i - 1.
+    """Dream's shifted-logit convention: position i is predicted by raw row i - 1.
 
     logits [B, L, V] (raw forward output) -> [B, L, V] with `out[:, 0] = logits[:, 0]` and
-    `out[:, i] = logits[:, i - 1]` for i >= 1. Samplers of `model.arch=dream` models apply this to every forward.
+    `out[:, i] = logits[:, i - 1]` for i >= 1. `dlmjax.sampling.Denoiser.align` applies it for the samplers.
     """
     return jnp.concatenate([logits[:, :1], logits[:, :-1]], axis=1)

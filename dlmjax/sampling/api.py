@@ -1,9 +1,10 @@
-"""`dlmjax.generate(params, prompt_ids, settings)`: the notebook entry point of the masked sampler.
+"""`dlmjax.sampling.generate(model, params, prompt_ids, settings)`: the notebook entry point of both samplers.
 
-It takes ragged prompts (lists of ids, one per row), left-pads them into a width bucket (a multiple of `bucket`
-slots, with a key mask, so prompts of 7 and 9 tokens share one compiled program), calls the jitted
-`dlmjax.sampling.generate`, and returns each row as the reference returns it: prompt + generation (+ suffix),
-without padding.
+It takes ragged prompts (lists of ids, one per row), refuses ids the model cannot read (on the host, before any
+work), left-pads the rows into a width bucket (a multiple of `bucket` slots, with a prompt mask, so prompts of 7
+and 9 tokens share one compiled program), runs the jitted sampler the settings are for (`generate_masked` for
+`SamplerSettings`, `generate_blocks` for `BlockSamplerSettings`), and returns each row as the references return
+it: prompt + generation (+ suffix), without padding.
 """
 from __future__ import annotations
 
@@ -13,23 +14,31 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from dlmjax.models.transformer import Denoiser
-from dlmjax.sampling.generate import generate as generate_canvas
-from dlmjax.sampling.settings import SamplerSettings
+from dlmjax.config import ModelConfig
+from dlmjax.errors import SettingsError
+from dlmjax.sampling.block import generate_blocks
+from dlmjax.sampling.denoiser import Denoiser
+from dlmjax.sampling.masked import generate_masked
+from dlmjax.sampling.settings import BlockSamplerSettings, SamplerSettings
+from dlmjax.sampling.tokens import SpecialTokens
 
 DEFAULT_BUCKET = 16
 
 
 @dataclasses.dataclass(frozen=True)
 class Generation:
-    """The result of `dlmjax.generate`.
+    """The result of `generate`.
 
     Attributes:
-      tokens: int32[B, W + G (+ Ls)], the padded canvas (prompts left-padded to the bucket width W).
+      tokens: int32[B, N], the sampler's canvas. Masked sampler: prompts left-padded to the bucket width W, then
+        the G generated slots (then the suffix bucket). Block sampler: each row's prompt at its left end (no
+        padding), then its generated slots, N = max_length.
       nfe: forward passes run.
       prompt_lengths, suffix_lengths: real tokens per row.
       width: the bucket width W of the prompts.
-      gen_length: G.
+      gen_length: generated slots of the masked sampler's rows (the block sampler's rows generate
+        `max_length - prompt length` slots each).
+      spans: per row, (start, generation start, generation end, end) in `tokens`.
     """
 
     tokens: np.ndarray
@@ -38,21 +47,18 @@ class Generation:
     suffix_lengths: tuple[int, ...]
     width: int
     gen_length: int
+    spans: tuple[tuple[int, int, int, int], ...]
 
     def generated(self) -> list[list[int]]:
-        """Per row, the G generated tokens."""
-        return [row[self.width:self.width + self.gen_length].tolist() for row in self.tokens]
+        """Per row, its generated tokens."""
+        return [row[g0:g1].tolist() for row, (_, g0, g1, _) in zip(self.tokens, self.spans)]
 
     def rows(self) -> list[list[int]]:
         """Per row, prompt + generation (+ suffix) without padding, as the reference `generate` returns it."""
-        out = []
-        for row, n, m in zip(self.tokens, self.prompt_lengths, self.suffix_lengths):
-            end = self.width + self.gen_length
-            out.append(row[self.width - n:end + m].tolist())
-        return out
+        return [row[a:b].tolist() for row, (a, _, _, b) in zip(self.tokens, self.spans)]
 
     def tokens_before_eos(self, eos_id: int) -> int:
-        """Generated tokens before each row's first `eos_id`, summed: the throughput numerator (ALGORITHMS.md §6.4)."""
+        """Generated tokens before each row's first `eos_id`, summed: the throughput numerator."""
         total = 0
         for row in self.generated():
             total += row.index(eos_id) if eos_id in row else len(row)
@@ -64,19 +70,44 @@ def bucket_width(length: int, bucket: int) -> int:
     return max(bucket, -(-length // bucket) * bucket)
 
 
+def as_denoiser(model) -> Denoiser:
+    """A `Denoiser` from a run `Config`, a `ModelConfig` or a `Denoiser`."""
+    if isinstance(model, Denoiser):
+        return model
+    if isinstance(model, ModelConfig):
+        return Denoiser(model)
+    if isinstance(getattr(model, "model", None), ModelConfig):  # a run Config
+        return Denoiser(model.model)
+    raise TypeError(f"model must be a Config, a ModelConfig or a Denoiser, got {type(model).__name__}")
+
+
 def _as_rows(ids, what: str) -> list[list[int]]:
     if isinstance(ids, np.ndarray) or hasattr(ids, "shape"):
         ids = np.asarray(ids)
         if ids.ndim == 1:
             ids = ids[None]
         if ids.ndim != 2:
-            raise ValueError(f"{what} must be a list of rows of token ids or int[batch, length], got shape "
-                             f"{list(ids.shape)}")
+            raise SettingsError(f"{what} must be a list of rows of token ids or int[batch, length], got shape "
+                                f"{list(ids.shape)}", field=what)
         return [list(map(int, r)) for r in ids]
     rows = list(ids)
     if rows and not isinstance(rows[0], (list, tuple, np.ndarray)):
         rows = [rows]  # one row given as a flat list
     return [list(map(int, r)) for r in rows]
+
+
+def check_token_rows(rows: Sequence[Sequence[int]], what: str, *, vocab_size: int, tokens: SpecialTokens) -> None:
+    """Refuses, on the host, ids a model cannot read: negative, >= `vocab_size`, or the mask id (a [MASK] inside
+    a prompt would be denoised as a slot to generate). SettingsError naming the row, the ids and the range."""
+    for i, r in enumerate(rows):
+        bad = [t for t in r if not 0 <= t < vocab_size]
+        if bad:
+            raise SettingsError(f"{what} row {i}: token ids {bad[:5]} are outside [0, model.vocab_size={vocab_size})",
+                                field=what)
+        if tokens.mask_id in r:
+            raise SettingsError(f"{what} row {i} holds the mask id {tokens.mask_id} at position "
+                                f"{list(r).index(tokens.mask_id)}: a prompt is clean text, [MASK] is what the sampler "
+                                "fills", field=what)
 
 
 def _pack(rows: list[list[int]], width: int, pad: int, left: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -91,60 +122,84 @@ def _pack(rows: list[list[int]], width: int, pad: int, left: bool) -> tuple[np.n
     return tokens, mask
 
 
-def generate(params, prompt_ids, settings: SamplerSettings, rng: jax.Array | None = None, *,
-             suffix_ids: Sequence[Sequence[int]] | None = None, bucket: int = DEFAULT_BUCKET) -> Generation:
-    """Generates `settings.gen_length` tokens after each prompt (and before each suffix: infilling).
+def generate(model, params, prompt_ids, settings: SamplerSettings | BlockSamplerSettings,
+             rng: jax.Array | None = None, *, suffix_ids: Sequence[Sequence[int]] | None = None,
+             bucket: int = DEFAULT_BUCKET) -> Generation:
+    """Samples after each prompt row: `settings.gen_length` tokens (masked sampler, before each suffix if given:
+    infilling), or up to `settings.max_length` slots per row (block sampler).
 
     Args:
+      model: the run's `Config`, its `ModelConfig`, or a `Denoiser`.
       params: the model's parameters (`dlmjax.load(ckpt)[1]`).
       prompt_ids: rows of token ids of any lengths (a list of lists, or int[B, L]).
-      settings: `SamplerSettings` with `model` set (`SamplerSettings.for_model(config, ...)`).
+      settings: `SamplerSettings` (the masked sampler) or `BlockSamplerSettings` (the block sampler).
       rng: PRNG key (default `jax.random.PRNGKey(0)`); used by temperature > 0 and the random rules.
-      suffix_ids: optional rows of clean tokens after the generated region; the sampler fills the middle.
+      suffix_ids: masked sampler only: rows of clean tokens after the generated region; the sampler fills the
+        middle.
       bucket: prompt (and suffix) widths are rounded up to a multiple of this, so one compiled program serves
         every prompt length in a bucket.
+
+    Raises:
+      SettingsError: a prompt or suffix id outside the vocabulary, negative, or the mask id; prompts that do not
+        fit the model's context; a bad `bucket`.
     """
-    if not isinstance(settings, SamplerSettings):
-        raise TypeError(f"settings must be a SamplerSettings, got {type(settings).__name__}")
-    if settings.model is None:
-        raise ValueError("settings.model is None: build the settings with SamplerSettings.for_model(config, ...) "
-                         "so that dlmjax.generate knows the model, or call dlmjax.sampling.generate(denoiser, ...)")
+    denoiser = as_denoiser(model)
+    config = denoiser.config
+    if not isinstance(settings, (SamplerSettings, BlockSamplerSettings)):
+        raise TypeError(f"settings must be a SamplerSettings or a BlockSamplerSettings, got "
+                        f"{type(settings).__name__}")
     if not isinstance(bucket, int) or isinstance(bucket, bool) or bucket < 1:
-        raise ValueError(f"bucket={bucket!r} is not allowed; use an int >= 1")
+        raise SettingsError(f"bucket={bucket!r} is not allowed; use an int >= 1", field="bucket")
     rows = _as_rows(prompt_ids, "prompt_ids")
     if not rows:
-        raise ValueError("prompt_ids is empty; give at least one row")
-    vocab = settings.model.vocab_size
-    for what, rs in (("prompt_ids", rows), ("suffix_ids", _as_rows(suffix_ids, "suffix_ids") if suffix_ids
-                                            is not None else [])):
-        for i, r in enumerate(rs):
-            bad = [t for t in r if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"{what} row {i}: token ids {bad[:5]} are outside [0, model.vocab_size={vocab})")
-    pad = settings.pad_id if settings.pad_id is not None else (0 if settings.mask_id != 0 else 1)
-    kwargs = {}
-    suffix_lengths = (0,) * len(rows)
+        raise SettingsError("prompt_ids is empty; give at least one row", field="prompt_ids")
+    tokens = settings.tokens
+    check_token_rows(rows, "prompt_ids", vocab_size=config.vocab_size, tokens=tokens)
+    longest = max(len(r) for r in rows)
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    lengths = tuple(len(r) for r in rows)
+    if isinstance(settings, BlockSamplerSettings):
+        if suffix_ids is not None:
+            raise SettingsError("suffix_ids: the block sampler generates left to right and takes no suffix",
+                                field="suffix_ids")
+        total = settings.max_length
+        if longest >= total:
+            raise SettingsError(f"the longest prompt ({longest} tokens) leaves nothing to generate within "
+                                f"BlockSamplerSettings.max_length={total}", field="max_length")
+        # A row's generation does not depend on the width (rows are moved to the left): only the compile does.
+        width = min(bucket_width(longest, bucket), total - 1)
+        prompt, prompt_mask = _pack(rows, width, tokens.fill_id(), left=True)
+        out, nfe = generate_blocks(denoiser, params, prompt, settings, rng, prompt_mask=prompt_mask)
+        spans = tuple((0, n, total, total) for n in lengths)
+        return Generation(tokens=np.asarray(out), nfe=int(nfe), prompt_lengths=lengths,
+                          suffix_lengths=(0,) * len(rows), width=width, gen_length=total - longest, spans=spans)
+
+    kwargs, suffix_lengths, suffix_width = {}, (0,) * len(rows), 0
     if suffix_ids is not None:
         suffix_rows = _as_rows(suffix_ids, "suffix_ids")
         if len(suffix_rows) != len(rows):
-            raise ValueError(f"suffix_ids has {len(suffix_rows)} rows but prompt_ids has {len(rows)}")
-        suffix, suffix_mask = _pack(suffix_rows, bucket_width(max(len(r) for r in suffix_rows), bucket), pad,
-                                    left=False)
+            raise SettingsError(f"suffix_ids has {len(suffix_rows)} rows but prompt_ids has {len(rows)}",
+                                field="suffix_ids")
+        check_token_rows(suffix_rows, "suffix_ids", vocab_size=config.vocab_size, tokens=tokens)
+        suffix_width = bucket_width(max(len(r) for r in suffix_rows), bucket)
+        suffix, suffix_mask = _pack(suffix_rows, suffix_width, tokens.fill_id(), left=False)
         kwargs = {"suffix": suffix, "suffix_mask": suffix_mask}
         suffix_lengths = tuple(len(r) for r in suffix_rows)
-    longest = max(len(r) for r in rows)
+    gen = settings.gen_length
     width = bucket_width(longest, bucket)
-    room = settings.model.max_seq_len - settings.gen_length - (kwargs["suffix"].shape[1] if kwargs else 0)
+    room = config.max_seq_len - gen - suffix_width
     if width > room >= longest:
         width = room  # near the end of the context the bucket shrinks to what fits
     if longest > room:
-        suffix_note = f" + suffix bucket ({kwargs['suffix'].shape[1]})" if kwargs else ""
-        raise ValueError(f"the longest prompt ({longest} tokens) + gen_length ({settings.gen_length}){suffix_note} = "
-                         f"{longest + settings.model.max_seq_len - room} exceeds the model's context "
-                         f"model.max_seq_len={settings.model.max_seq_len}")
-    prompt, prompt_mask = _pack(rows, width, pad, left=True)
-    rng = jax.random.PRNGKey(0) if rng is None else rng
-    tokens, nfe = generate_canvas(Denoiser(settings.model), params, prompt, settings, rng,
-                                  prompt_mask=prompt_mask, **kwargs)
-    return Generation(tokens=np.asarray(tokens), nfe=int(nfe), prompt_lengths=tuple(len(r) for r in rows),
-                      suffix_lengths=suffix_lengths, width=width, gen_length=settings.gen_length)
+        suffix_note = f" + suffix bucket ({suffix_width})" if kwargs else ""
+        raise SettingsError(f"the longest prompt ({longest} tokens) + gen_length ({gen}){suffix_note} = "
+                            f"{longest + config.max_seq_len - room} exceeds the model's context "
+                            f"model.max_seq_len={config.max_seq_len}", field="gen_length")
+    prompt, prompt_mask = _pack(rows, width, tokens.fill_id(), left=True)
+    out, nfe = generate_masked(denoiser, params, prompt, settings, rng, prompt_mask=prompt_mask, **kwargs)
+    spans = tuple((width - n, width, width + gen, width + gen + m) for n, m in zip(lengths, suffix_lengths))
+    return Generation(tokens=np.asarray(out), nfe=int(nfe), prompt_lengths=lengths, suffix_lengths=suffix_lengths,
+                      width=width, gen_length=gen, spans=spans)
+
+
+__all__ = ["DEFAULT_BUCKET", "Generation", "as_denoiser", "bucket_width", "check_token_rows", "generate"]

@@ -1,178 +1,197 @@
-"""Block-diffusion sampling (BD3-LM, ALGORITHMS.md §4.4) with an exact KV cache, as nested while loops (§4.10).
+"""Block-diffusion sampling (BD3-LM) with an exact KV cache, as nested while loops: `generate_blocks`.
 
 Slot layout per row, shared by both samplers here (T = `max_length`, L' = `block_length`):
 
     [prompt | generated slots ... ]        T slots, rotary positions 0..T-1
     [block 0 | block 1 | ... | block T/L' - 1]
 
-Blocks are counted from each row's first token, the grid BD3 training uses: a prompt that ends inside a
-block shares it with the first generated slots, which are denoised with the prompt's tail as clean
-context, exactly as that block was trained. Rows of a batch may have prompts of different lengths: the
-caller passes them left-padded with a `prompt_mask`, and each row is moved to the left of its canvas, so the
-blocks of all rows sit on the same slots and no key is padding. A row with a shorter prompt simply has more
-slots to generate; blocks that the prompt fills take no denoising steps.
+Blocks are counted from each row's first token, the grid BD3 training uses: a prompt that ends inside a block
+shares it with the first generated slots, which are denoised with the prompt's tail as clean context, exactly as
+that block was trained. The request is the masked sampler's (prompts left-padded, with a `prompt_mask`; right
+padding works too): each row is moved to the left of its canvas, so the blocks of all rows sit on the same slots
+and no key is padding. A row with a shorter prompt has more slots to generate; blocks that its prompt fills take
+no denoising steps.
 
 `generate_blocks` (cached):
-  PREFILL: one forward of the prompt's full blocks (of the longest prompt), block-causal, writes their K/V.
-    The cache is then rewound to the first block that some row still has to generate (shorter rows hold
-    [MASK] in the prefilled slots beyond their prompt; those entries are rewritten before anything reads them).
+  PREFILL: one forward of the prompt width's full blocks, block-causal, writes their K/V (skipped when no row
+    has a full block). The cache is then rewound to the first block that some row still has to generate
+    (shorter rows hold [MASK] in the prefilled slots beyond their prompt; those entries are rewritten before
+    anything reads them).
   outer `lax.while_loop` over blocks from there, while some row is not done:
-    inner `lax.while_loop`, at most `S` steps while a masked slot remains: one DENOISE forward of the
-      `[B, L']` block against the cache (bidirectional inside the block: BD3's M_OBC | M_BD), then the masked
-      sampler's update;
-    COMMIT: one forward of the finished clean block that writes its K/V (bidirectional inside the block and
-      the cache before it: M_BC). Skipped after the last block and once every row is done.
+    inner `lax.while_loop`, while the commit rule says so: one DENOISE forward of the `[B, L']` block against the
+      cache (bidirectional inside the block: what BD3 training's noisy block sees), then the step's update;
+    COMMIT: one forward of the finished clean block that writes its K/V (bidirectional inside the block, and the
+      cache before it). Skipped after the last block and once every row is done.
   With a single block (`block_length == max_length`, MDLM) there is nothing to cache and it runs the twin.
-`generate_blocks_uncached` (the slow twin): every step runs the whole canvas `[B, T]` under the
-block-causal mask, which is BD3's mask restricted to what exists: the noisy block sees the clean prefix and
-itself, and no query that is read sees a later block. The canvas is the full length (not the growing
-prefix) because a while loop needs static shapes; the later slots are hidden by the mask.
+`generate_blocks_uncached` (the slow twin): every step runs the whole canvas `[B, T]` under the block-causal mask,
+which is BD3's mask restricted to what exists: the noisy block sees the clean prefix and itself, and no query
+that is read sees a later block. The canvas is the full length (not the growing prefix) because a while loop
+needs static shapes; the later slots are hidden by the mask.
 
-Per step (shared by both, so they differ only in where the logits come from):
-    [MASK] logit -> -inf -> filter_logits (top-k, top-p) -> propose -> confidence -> restrict_to_block
-    -> select_commits -> commit -> where(done, old, new)
+A step (shared by both, so they differ only in where the logits come from): [MASK] logit -> -inf ->
+`settings.proposal` -> scores of slots that are not masked = -inf -> `settings.rule` -> commit -> done rows kept.
 
-NFE counts forward passes actually run: cached = 1 prefill (if the prompt has a full block) + denoising
-steps + commit passes; uncached = denoising steps. The steps are the same on both sides.
+NFE counts forward passes actually run: cached = 1 prefill (if some prompt has a full block) + denoising steps +
+commit passes; uncached = denoising steps. The steps are the same on both sides.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any
+from typing import Any, Callable
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 
-from dlmjax.config import ModelConfig
+from dlmjax.errors import SettingsError
 from dlmjax.models.attention import BlockCausalMask
-from dlmjax.models.transformer import build_model, init_cache
-from dlmjax.sampling.filters import filter_logits
-from dlmjax.sampling.generate import check_request, commit, confidence, propose, restrict_to_block, select_commits, step_keys
-from dlmjax.sampling.schedule import transfer_counts
+from dlmjax.sampling.denoiser import Denoiser
+from dlmjax.sampling.layout import check_request, mask_like
+from dlmjax.sampling.proposals import step_keys
 from dlmjax.sampling.settings import BlockSamplerSettings
 
 
-def block_step(
-    logits: jax.Array,
-    canvas: jax.Array,
-    *,
-    settings: BlockSamplerSettings,
-    k: jax.Array,
-    gumbel_key: jax.Array,
-    confidence_key: jax.Array,
-) -> jax.Array:
-    """One update of the current block from its logits; returns the new block int32[B, L'].
+@flax.struct.dataclass
+class BlocksCarry:
+    """The outer loop's state."""
+
+    block: jax.Array  # int32: index of the block being generated
+    canvas: jax.Array  # int32[B, T]
+    model_state: Any  # what the model side carries besides the canvas: the KV cache (None: nothing)
+    done: jax.Array  # bool[B]: rows that generated EOS in a finished block, frozen since
+    rng: jax.Array
+    nfe: jax.Array  # int32: forward passes run in the loops
+
+
+@flax.struct.dataclass
+class DenoiseCarry:
+    """The inner loop's state: one block's denoising steps."""
+
+    step: jax.Array  # int32
+    block: jax.Array  # int32[B, L']: the block's tokens
+    rng: jax.Array
+    rule: Any  # the commit rule's state
+
+
+def block_update(logits: jax.Array, block: jax.Array, settings: BlockSamplerSettings, rule_state, step,
+                 gumbel_key, confidence_key):
+    """One update of the current block from its logits: (new block int32[B, L'], new rule state).
 
     Args:
       logits: float32[B, L', V], the denoiser's logits for the block's slots.
-      canvas: int32[B, L'], the block (clean tokens and `mask_id`).
-      k: int32[B], commits for this step (a column of the block's transfer table).
+      block: int32[B, L'], the block (clean tokens and the mask id).
     """
-    if settings.mask_id < logits.shape[-1]:
-        # SUBS: [MASK] is a state, not a prediction; a proposed mask would leave the slot unfinished.
-        logits = logits.at[..., settings.mask_id].set(-jnp.inf)
-    logits = filter_logits(logits, temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p)
-    proposal = propose(logits, settings.temperature, gumbel_key)
-    scores = confidence(logits, proposal, settings.remasking, confidence_key)
-    scores = restrict_to_block(scores, canvas, mask_id=settings.mask_id, block_start=jnp.int32(0),
-                               block_length=canvas.shape[1])
-    return commit(canvas, proposal, select_commits(scores, k))
+    mask_id = settings.tokens.mask_id
+    if mask_id < logits.shape[-1]:
+        # [MASK] is a state, not a prediction: a proposed mask would leave the slot unfinished.
+        logits = logits.at[..., mask_id].set(-jnp.inf)
+    proposal, scores = settings.proposal(logits, settings.tokens, gumbel_key, confidence_key)
+    scores = jnp.where(block == mask_id, scores, -jnp.inf)
+    commits, rule_state = settings.rule.commits(scores, rule_state, step, confidence_key, settings.steps_per_block)
+    return jnp.where(commits, proposal, block), rule_state
 
 
-def _sample_blocks(settings: BlockSamplerSettings, canvas, first_block, rng, model_state, block_logits,
-                   commit_block):
+def _sample_blocks(settings: BlockSamplerSettings, canvas, first_block, rng, model_state, nfe,
+                   block_logits: Callable, commit_block: Callable):
     """The outer loop over blocks and the inner loop over steps, shared by the cached and uncached samplers.
 
     Args:
-      canvas: int32[B, T], prompts left-aligned, `mask_id` in every slot to generate.
+      canvas: int32[B, T], prompts left-aligned, the mask id in every slot to generate.
       first_block: int32 scalar, the first block holding a masked slot in some row.
-      model_state: what the sampler carries for its model besides the canvas (the KV cache; () if nothing).
+      model_state: what the sampler carries for its model besides the canvas (the KV cache; None if nothing).
       block_logits: `(model_state, canvas, block int32[B, L'], b) -> float32[B, L', V]`, one forward pass.
       commit_block: `(model_state, block, b, skip bool scalar) -> (model_state, nfe int32)`.
 
     Returns:
-      (canvas int32[B, T] with every slot filled, nfe int32 scalar of the forward passes run here).
+      (canvas int32[B, T] with every slot filled, nfe int32 scalar: `nfe` + the forward passes run here).
     """
-    s = settings
-    batch = canvas.shape[0]
-    stops = s.eos_id is not None
+    s, rule = settings, settings.rule
+    mask_id, length = s.tokens.mask_id, s.block_length
+    stops = s.tokens.eos_id is not None
+    steps = s.steps_per_block
+    max_steps = rule.max_steps(steps, length)
 
-    def block_cond(carry):
-        b, _, _, done, _, _ = carry
-        return (b < s.num_blocks) & ~jnp.all(done)
+    def block_more(c: BlocksCarry):
+        return (c.block < s.num_blocks) & ~jnp.all(c.done)
 
-    def block_body(carry):
-        b, canvas, model_state, done, rng, nfe = carry
-        block = jax.lax.dynamic_slice_in_dim(canvas, b * s.block_length, s.block_length, axis=1)
-        generated = block == s.mask_id  # the slots this block generates (prompt slots are clean)
-        n_masked = jnp.sum(generated & ~done[:, None], axis=1, dtype=jnp.int32)
-        table = transfer_counts(n_masked, s.steps_per_block)  # [B, S], fixed for the whole block
+    def block_body(c: BlocksCarry):
+        block = jax.lax.dynamic_slice_in_dim(c.canvas, c.block * length, length, axis=1)
+        generated = block == mask_id  # the slots this block generates (prompt slots are clean)
+        n_masked = jnp.sum(generated & ~c.done[:, None], axis=1, dtype=jnp.int32)
 
-        def step_cond(carry):
-            step, block, _ = carry
-            return (step < s.steps_per_block) & jnp.any((block == s.mask_id) & ~done[:, None])
+        def step_more(d: DenoiseCarry):
+            block_masked = jnp.any((d.block == mask_id) & ~c.done[:, None], axis=1)
+            return rule.more(d.rule, d.step, block_masked, steps) & (d.step < max_steps)
 
-        def step_body(carry):
-            step, block, rng = carry
-            rng, gumbel_key, confidence_key = step_keys(rng)
-            logits = block_logits(model_state, canvas, block, b)
-            new = block_step(logits, block, settings=s, k=table[:, step], gumbel_key=gumbel_key,
-                             confidence_key=confidence_key)
-            return step + 1, jnp.where(done[:, None], block, new), rng  # done rows stay frozen
+        def step_body(d: DenoiseCarry):
+            rng, gumbel_key, confidence_key = step_keys(d.rng)
+            logits = block_logits(c.model_state, c.canvas, d.block, c.block)
+            new, state = block_update(logits, d.block, s, d.rule, d.step, gumbel_key, confidence_key)
+            # Done rows stay frozen.
+            return DenoiseCarry(step=d.step + 1, block=jnp.where(c.done[:, None], d.block, new), rng=rng, rule=state)
 
-        steps, block, rng = jax.lax.while_loop(step_cond, step_body, (jnp.int32(0), block, rng))
+        d = jax.lax.while_loop(step_more, step_body,
+                               DenoiseCarry(step=jnp.int32(0), block=block, rng=c.rng, rule=rule.init(n_masked, steps)))
+        block, done = d.block, c.done
         if stops:
-            block = jnp.where(done[:, None] & generated, jnp.int32(s.pad_id), block)
-            done = done | jnp.any(generated & (block == s.eos_id), axis=1)
-        canvas = jax.lax.dynamic_update_slice(canvas, block, (jnp.int32(0), b * s.block_length))
+            block = jnp.where(done[:, None] & generated, jnp.int32(s.tokens.pad_id), block)
+            done = done | jnp.any(generated & (block == s.tokens.eos_id), axis=1)
+        canvas = jax.lax.dynamic_update_slice(c.canvas, block, (jnp.int32(0), c.block * length))
         # The last block, and any block after which every row is done, is never read again.
-        skip = (b == s.num_blocks - 1) | jnp.all(done)
-        model_state, commit_nfe = commit_block(model_state, block, b, skip)
-        return b + 1, canvas, model_state, done, rng, nfe + steps + commit_nfe
+        skip = (c.block == s.num_blocks - 1) | jnp.all(done)
+        model_state, commit_nfe = commit_block(c.model_state, block, c.block, skip)
+        return BlocksCarry(block=c.block + 1, canvas=canvas, model_state=model_state, done=done, rng=d.rng,
+                           nfe=c.nfe + d.step + commit_nfe)
 
-    done = jnp.zeros((batch,), bool)
-    carry = (first_block, canvas, model_state, done, rng, jnp.int32(0))
-    _, canvas, _, done, _, nfe = jax.lax.while_loop(block_cond, block_body, carry)
+    init = BlocksCarry(block=first_block, canvas=canvas, model_state=model_state,
+                       done=jnp.zeros((canvas.shape[0],), bool), rng=rng, nfe=nfe)
+    out = jax.lax.while_loop(block_more, block_body, init)
+    canvas = out.canvas
     if stops:  # blocks after every row stopped were never visited
-        canvas = jnp.where(canvas == s.mask_id, jnp.int32(s.pad_id), canvas)
-    return canvas, nfe
+        canvas = jnp.where(canvas == mask_id, jnp.int32(s.tokens.pad_id), canvas)
+    return canvas, out.nfe
 
 
-def _layout(config: ModelConfig, prompt, prompt_mask, settings: BlockSamplerSettings):
+def _layout(denoiser: Denoiser, prompt, prompt_mask, settings: BlockSamplerSettings):
     """Validates the request and builds the canvas.
 
     Returns:
-      canvas int32[B, T]: each row's prompt moved to its left end (order kept), `mask_id` after it;
-      first_block int32 scalar: the block holding the shortest prompt's end.
+      canvas int32[B, T]: each row's prompt moved to its left end (order kept), the mask id after it;
+      lengths int32[B]: each row's prompt length.
     """
+    if not isinstance(denoiser, Denoiser):
+        raise TypeError(f"the block sampler takes a dlmjax.sampling.Denoiser (Denoiser(model_config)), got "
+                        f"{type(denoiser).__name__}")
     prompt = check_request(prompt, settings, BlockSamplerSettings)
+    config, s = denoiser.config, settings
+    if denoiser.lead:
+        raise SettingsError(f"model.arch={config.arch!r} predicts each token from the slot before it; the block "
+                            "sampler samples block-diffusion models (sample it with the masked sampler)",
+                            field="model")
     batch, width = prompt.shape
-    s = settings
     for name in ("mask_id", "eos_id", "pad_id"):
-        value = getattr(s, name)
+        value = getattr(s.tokens, name)
         if value is not None and value >= config.vocab_size:
-            raise ValueError(f"BlockSamplerSettings.{name}={value} is not a token of the model "
-                             f"(vocab_size={config.vocab_size}); use an id in [0, {config.vocab_size})")
+            raise SettingsError(f"BlockSamplerSettings.tokens.{name}={value} is not a token of the model "
+                                f"(vocab_size={config.vocab_size}); use an id in [0, {config.vocab_size})",
+                                field=name)
     if s.max_length > config.max_seq_len:
-        raise ValueError(f"BlockSamplerSettings.max_length={s.max_length} exceeds the model context "
-                         f"model.max_seq_len={config.max_seq_len}; use a max_length <= {config.max_seq_len}")
+        raise SettingsError(f"BlockSamplerSettings.max_length={s.max_length} exceeds the model context "
+                            f"model.max_seq_len={config.max_seq_len}; use a max_length <= {config.max_seq_len}",
+                            field="max_length")
     if width >= s.max_length:
-        raise ValueError(f"the prompt ({width} tokens) leaves nothing to generate within "
-                         f"BlockSamplerSettings.max_length={s.max_length}; shorten the prompt or raise max_length")
-    if prompt_mask is None:
-        prompt_mask = jnp.ones((batch, width), bool)
-    elif jnp.shape(prompt_mask) != prompt.shape:
-        raise ValueError(f"prompt_mask must have the prompt's shape {list(prompt.shape)}, "
-                         f"got {list(jnp.shape(prompt_mask))}")
-    prompt_mask = jnp.asarray(prompt_mask, bool)
+        raise SettingsError(f"the prompt ({width} tokens) leaves nothing to generate within "
+                            f"BlockSamplerSettings.max_length={s.max_length}; shorten the prompt or raise max_length",
+                            field="max_length")
+    prompt_mask = mask_like("prompt_mask", prompt_mask, prompt)
     # Real tokens first, in order (a stable sort of the padding flag): left or right padding alike.
     order = jnp.argsort(~prompt_mask, axis=1, stable=True)
     lengths = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
     moved = jnp.take_along_axis(prompt.astype(jnp.int32), order, axis=1)
-    moved = jnp.where(jnp.arange(width) < lengths[:, None], moved, jnp.int32(s.mask_id))
-    canvas = jnp.concatenate([moved, jnp.full((batch, s.max_length - width), s.mask_id, jnp.int32)], axis=1)
-    first_block = (jnp.min(lengths) // s.block_length).astype(jnp.int32)
-    return canvas, first_block
+    moved = jnp.where(jnp.arange(width) < lengths[:, None], moved, jnp.int32(s.tokens.mask_id))
+    canvas = jnp.concatenate([moved, jnp.full((batch, s.max_length - width), s.tokens.mask_id, jnp.int32)], axis=1)
+    return canvas, lengths
 
 
 def _cache_length(settings: BlockSamplerSettings) -> int:
@@ -181,10 +200,10 @@ def _cache_length(settings: BlockSamplerSettings) -> int:
     if settings.cache_length is None:
         return needed
     if settings.cache_length < needed:
-        raise ValueError(
+        raise SettingsError(
             f"the KV cache would overflow: BlockSamplerSettings.cache_length={settings.cache_length} < {needed} "
             f"slots needed (max_length {settings.max_length} - the last block {settings.block_length}, which is "
-            f"never committed); raise cache_length or set it to None")
+            f"never committed); raise cache_length or set it to None", field="cache_length")
     return settings.cache_length
 
 
@@ -192,23 +211,16 @@ def _positions(batch: int, start, length: int):
     return jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "settings"))
-def generate_blocks(
-    config: ModelConfig,
-    params: Any,
-    prompt: jax.Array,
-    settings: BlockSamplerSettings,
-    rng: jax.Array,
-    *,
-    prompt_mask: jax.Array | None = None,
-):
+@functools.partial(jax.jit, static_argnames=("denoiser", "settings"))
+def generate_blocks(denoiser: Denoiser, params: Any, prompt: jax.Array, settings: BlockSamplerSettings,
+                    rng: jax.Array, *, prompt_mask: jax.Array | None = None):
     """Block-diffusion sampling with a KV cache of the prompt and the committed blocks.
 
-    Compiled once per (config, settings, prompt shape, prompt_mask given or not); params, prompt values, the
+    Compiled once per (denoiser, settings, prompt shape, prompt_mask given or not); params, prompt values, the
     prompt mask and rng are traced.
 
     Args:
-      config: static model config (the network `build_model(config)` with these weights).
+      denoiser: static `Denoiser` of the model (not a shifted one).
       params: its parameter pytree.
       prompt: int[B, W]; rows shorter than `W` are padded (left or right), with `prompt_mask` False there.
       settings: static `BlockSamplerSettings`.
@@ -218,77 +230,78 @@ def generate_blocks(
     Returns:
       tokens: int32[B, T]: row i is its prompt (`n_i` tokens, padding removed) followed by its `T - n_i`
         generated slots (`pad_id` after the block in which the row emitted `eos_id`).
-      nfe: int32 scalar, forward passes run: 1 prefill (if W >= L') + denoising steps + commit passes.
+      nfe: int32 scalar, forward passes run: 1 prefill (if some prompt has a full block) + denoising steps +
+        commit passes.
     """
     if settings.num_blocks == 1:
-        # One block (MDLM): nothing is ever cached, so the plain forward over the row is the same program
-        # with less work (no empty cache segment in every attention call).
-        return generate_blocks_uncached(config, params, prompt, settings, rng, prompt_mask=prompt_mask)
-    canvas, first_block = _layout(config, prompt, prompt_mask, settings)
+        # One block (MDLM): nothing is ever cached, so the plain forward over the row is the same program with
+        # less work (no empty cache segment in every attention call).
+        return generate_blocks_uncached(denoiser, params, prompt, settings, rng, prompt_mask=prompt_mask)
+    canvas, lengths = _layout(denoiser, prompt, prompt_mask, settings)
     batch = canvas.shape[0]
     length = settings.block_length
-    model = build_model(config)
-    cache = init_cache(config, batch, _cache_length(settings))
+    first_block = (jnp.min(lengths) // length).astype(jnp.int32)
+    cache = denoiser.init_cache(batch, _cache_length(settings))
     nfe = jnp.int32(0)
-    prefill = prompt.shape[1] // length * length  # the longest prompt's full blocks
+    prefill = prompt.shape[1] // length * length  # the prompt width's full blocks (static)
     if prefill:
-        # Block-causal inside the prompt: exactly what BD3 training's clean half sees (M_BC).
-        prompt_blocks = BlockCausalMask(length).dense(prefill, prefill)[None]
-        _, cache = model.apply({"params": params}, canvas[:, :prefill], positions=_positions(batch, 0, prefill),
-                               dense_mask=prompt_blocks, cache=cache, update_cache=True)
-        nfe += 1
+        has_full_block = jnp.max(lengths) >= length
+
+        def prefill_pass(cache):
+            # Block-causal inside the prompt: exactly what BD3 training's clean half sees.
+            _, cache = denoiser.forward_cached(
+                params, canvas[:, :prefill], positions=_positions(batch, 0, prefill), cache=cache,
+                dense_mask=BlockCausalMask(length).dense(prefill, prefill)[None], update_cache=True)
+            return cache
+
+        # Padding past the longest prompt would otherwise cost a pass that no row reads.
+        cache = jax.lax.cond(has_full_block, prefill_pass, lambda cache: cache, cache)
+        nfe += has_full_block.astype(jnp.int32)
         # Rewind to the first block some row generates: later entries are rewritten by its commits.
         index = first_block * length
+        slots = cache["key_mask"].shape[1]
         cache = dict(cache, index=index,
-                     key_mask=jnp.broadcast_to(jnp.arange(cache["key_mask"].shape[1]) < index, cache["key_mask"].shape))
+                     key_mask=jnp.broadcast_to(jnp.arange(slots) < index, cache["key_mask"].shape))
 
     def block_logits(cache, canvas, block, b):
         del canvas  # the cache holds everything before the block
-        logits, _ = model.apply({"params": params}, block, positions=_positions(batch, b * length, length),
-                                cache=cache)
+        logits, _ = denoiser.forward_cached(params, block, positions=_positions(batch, b * length, length),
+                                            cache=cache)
         return logits
 
     def commit_block(cache, block, b, skip):
         def write(cache):
-            _, cache = model.apply({"params": params}, block, positions=_positions(batch, b * length, length),
-                                   cache=cache, update_cache=True)
+            _, cache = denoiser.forward_cached(params, block, positions=_positions(batch, b * length, length),
+                                               cache=cache, update_cache=True)
             return cache
 
         cache = jax.lax.cond(skip, lambda cache: cache, write, cache)
         return cache, jnp.where(skip, 0, 1).astype(jnp.int32)
 
-    tokens, steps_nfe = _sample_blocks(settings, canvas, first_block, rng, cache, block_logits, commit_block)
-    return tokens, nfe + steps_nfe
+    return _sample_blocks(settings, canvas, first_block, rng, cache, nfe, block_logits, commit_block)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "settings"))
-def generate_blocks_uncached(
-    config: ModelConfig,
-    params: Any,
-    prompt: jax.Array,
-    settings: BlockSamplerSettings,
-    rng: jax.Array,
-    *,
-    prompt_mask: jax.Array | None = None,
-):
+@functools.partial(jax.jit, static_argnames=("denoiser", "settings"))
+def generate_blocks_uncached(denoiser: Denoiser, params: Any, prompt: jax.Array, settings: BlockSamplerSettings,
+                             rng: jax.Array, *, prompt_mask: jax.Array | None = None):
     """The slow twin of `generate_blocks`: no cache, the whole canvas recomputed at every step.
 
     Same arguments and the same tokens for the same rng. Returns (tokens int32[B, T], nfe int32) with
     nfe = the denoising steps (no prefill or commit passes).
     """
-    canvas, first_block = _layout(config, prompt, prompt_mask, settings)
+    canvas, lengths = _layout(denoiser, prompt, prompt_mask, settings)
     length = settings.block_length
-    model = build_model(config, BlockCausalMask(length))
-
-    def place(canvas, block, b):
-        return jax.lax.dynamic_update_slice(canvas, block, (jnp.int32(0), b * length))
+    first_block = (jnp.min(lengths) // length).astype(jnp.int32)
+    block_causal = dataclasses.replace(denoiser, mask=BlockCausalMask(length))
 
     def block_logits(state, canvas, block, b):
-        logits = model.apply({"params": params}, place(canvas, block, b))
+        logits = block_causal(params, jax.lax.dynamic_update_slice(canvas, block, (jnp.int32(0), b * length)))
         return jax.lax.dynamic_slice_in_dim(logits, b * length, length, axis=1)
 
     def commit_block(state, block, b, skip):
         return state, jnp.int32(0)  # the finished block is in the canvas, which every step reads whole
 
-    return _sample_blocks(settings, canvas, first_block, rng, (), block_logits, commit_block)
+    return _sample_blocks(settings, canvas, first_block, rng, None, jnp.int32(0), block_logits, commit_block)
 
+
+__all__ = ["BlocksCarry", "DenoiseCarry", "block_update", "generate_blocks", "generate_blocks_uncached"]

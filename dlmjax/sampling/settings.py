@@ -1,113 +1,91 @@
-"""Static settings of the masked-diffusion sampler (LLaDA `generate`, ALGORITHMS.md §4.2).
+"""Static settings of the two samplers, composed of strategy objects.
 
-`SamplerSettings` is a static argument of the jitted sampler: it holds only hashable Python
-scalars and is validated once, when it is built, so a bad combination never reaches tracing.
+`SamplerSettings` (the masked sampler, `generate_masked`) = a common core (`gen_length`, `steps`, `block_length`,
+`tokens`, `stop_at_eos`) + a proposal rule (`proposals`) + a commit rule (`rules`) + a cache mode (`cache`) +
+guidance (`guidance`). `BlockSamplerSettings` (the block sampler, `generate_blocks`) = its core (`max_length`,
+`block_length`, `steps_per_block`, `tokens`, `cache_length`) + a proposal rule + a commit rule.
+
+Both are static arguments of the jitted samplers: frozen, hashable, validated once when built, so a bad
+combination never reaches tracing. The constructors `SamplerSettings.llada(...)`, `SamplerSettings.dream(...)` and
+`BlockSamplerSettings.bd3(...)` take the references' own flat keywords (LLaDA / Fast-dLLM `generate`, Dream
+`diffusion_generate`, BD3-LM's sampler) and build the strategies.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-from typing import Any
 
-REMASKING_RULES = ("low_confidence", "random")
-# Confidence scores the masked sampler ranks slots by: LLaDA's two plus Dream's margin and negative entropy.
-CONFIDENCE_RULES = ("low_confidence", "random", "margin", "entropy")
-SCHEDULES = ("llada", "dream", "origin")
-CACHE_MODES = ("none", "prefix", "dual")
-CONFIDENCE_DTYPES = ("float32", "float64")
+from dlmjax.errors import SettingsError
+from dlmjax.sampling import validation as check
+from dlmjax.sampling.cache import CacheMode, DualCache, NoCache, PrefixCache
+from dlmjax.sampling.choices import BLOCK_CONFIDENCES, CacheKind, Confidence, DreamAlg, parse_choice
+from dlmjax.sampling.guidance import Guidance
+from dlmjax.sampling.proposals import DreamProposal, LladaProposal, Proposal
+from dlmjax.sampling.rules import (CommitRule, DreamOrigin, DreamSchedule, DreamThreshold, Factor, Threshold,
+                                   TransferTable)
+from dlmjax.sampling.tokens import SpecialTokens
+
+CACHE_MODES: dict[CacheKind, CacheMode] = {CacheKind.NONE: NoCache(), CacheKind.PREFIX: PrefixCache(),
+                                           CacheKind.DUAL: DualCache()}
+# The rules Fast-dLLM's caches were defined with (its loop: a first pass, then cached passes until filled).
+CACHED_RULES = (TransferTable, Threshold, Factor)
+_RULE_METHODS = ("init", "commits", "more", "max_steps")
+
+
+def special_tokens(tokens: SpecialTokens | None, **ids) -> SpecialTokens:
+    """`tokens`, or a `SpecialTokens` of the ids given (a constructor takes one or the other)."""
+    given = {k: v for k, v in ids.items() if v is not None}
+    if tokens is None:
+        return SpecialTokens(**given)
+    if given:
+        check.fail("SpecialTokens", next(iter(given)), next(iter(given.values())),
+                   "give the ids either in tokens=SpecialTokens(...) or as keywords, not both")
+    return tokens
+
+
+def _check_parts(owner: str, settings) -> None:
+    if not isinstance(settings.tokens, SpecialTokens):
+        check.fail(owner, "tokens", settings.tokens, "use a dlmjax.sampling.SpecialTokens")
+    if not isinstance(settings.proposal, (LladaProposal, DreamProposal)):
+        check.fail(owner, "proposal", settings.proposal, "use a LladaProposal or a DreamProposal")
+    if not all(callable(getattr(settings.rule, m, None)) for m in _RULE_METHODS):
+        check.fail(owner, "rule", settings.rule, f"use a commit rule (dlmjax.sampling.rules: {list(_RULE_METHODS)})")
+    settings.proposal.check_tokens(settings.tokens)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplerSettings:
-    """How the masked sampler (`dlmjax.sampling.generate`) fills a generation region of `gen_length` slots.
-
-    One settings object covers LLaDA `generate`, Fast-dLLM (threshold / factor decoding, prefix and dual KV
-    cache) and Dream `diffusion_generate`; ALGORITHMS.md §4.2, §4.3, §4.5. It is a static argument of the jitted
-    sampler: hashable Python scalars only, validated once when built, so a bad combination never reaches tracing.
+    """How the masked sampler fills a generation region of `gen_length` slots.
 
     Attributes:
-      gen_length: Number of generated slots `G` appended after the prompt.
-      steps: Denoising steps summed over all blocks (LLaDA convention); each block gets
-        `steps // num_blocks`. With a fixed schedule every step costs one forward pass (one NFE).
-      block_length: Slots per block `L'`; `None` means a single block of `gen_length` slots
-        (no semi-AR). Resolved to an int when built, so equal settings hash equally and share
-        one compiled sampler.
-      schedule: How many slots a step commits.
-        "llada": LLaDA's front-loaded transfer table per block (`k = n // S` plus one for the first
-          `n % S` steps); with `threshold` or `factor`, Fast-dLLM's parallel decoding instead (a block is
-          denoised until it has no mask).
-        "dream": Dream's `int(n * (1 - s/t))` over `t = linspace(1, eps, S + 1)` (all remaining masks at the last
-          step); with `threshold`, Dream's `confidence_threshold` algorithm (budget `n // S` per step, top-1
-          always, others only at confidence >= threshold, rejected slots carried; steps extended until filled).
-        "origin": Dream's `origin`: every masked slot is unmasked independently with probability `1 - s/t`.
-      remasking: The confidence that ranks slots: "low_confidence" (probability of the proposal; Dream's
-        `maskgit_plus`), "random" (a uniform draw per slot), "margin" (top-1 minus top-2 probability; Dream's
-        `topk_margin`) or "entropy" (negative entropy of the proposal distribution; Dream's `entropy`).
-      threshold: Confidence threshold in (0, 1]; None turns it off. See `schedule`.
-      factor: Fast-dLLM's factor rule (schedule "llada" only): commit the longest prefix of the confidence
-        ranking with `(n + 1) * (1 - c_(n)) < factor`; None turns it off.
-      cache: "none" (every step is a forward over the whole canvas), "prefix" (Fast-dLLM prefix cache: K/V of the
-        slots before the block are computed once per block, at the block's first step; later steps forward the
-        block and everything after it) or "dual" (Fast-dLLM dual cache: K/V of every slot outside the block are
-        from the block's first step; later steps forward only the block). Both caches are approximations by
-        design (the cached K/V were computed while the block was still masked); schedule "llada" only.
-      temperature: 0 takes the argmax; `T > 0` samples from `softmax(logits / T)` (LLaDA: Gumbel-max in float64
-        when `jax_enable_x64` is on; Dream: a categorical draw whose probability is the confidence).
-      top_k: Keep only the `k` most likely tokens of each proposal distribution (0 = off).
-      top_p: Nucleus filtering (1.0 = off), applied before `top_k` as in Dream.
-      alg_temp: Dream's algorithm temperature: > 0 draws the `k` committed slots without replacement from
-        `softmax(confidence / alg_temp)` instead of taking the top `k` (schedule "dream" only).
-      eps: Dream's final time `eps` of `linspace(1, eps, S + 1)` (schedules "dream" and "origin").
-      cfg_scale: Classifier-free guidance weight `w`; 0 turns it off. With `w > 0` the logits
-        are `u + (w + 1) * (c - u)`, from one forward over the batch doubled with an
-        unconditional copy whose prompt slots hold `mask_id`.
-      mask_id: Token id of the absorbing [MASK] state. It need not be a logit index
-        (MD4-style vocabularies put it at `V`).
-      eos_id: End-of-sequence token id (`logits_eos_inf`, `confidence_eos_eot_inf`, `stop_at_eos`).
-      eot_id: End-of-turn token id (LLaDA's `<|eot_id|>`), for `confidence_eos_eot_inf`.
-      logits_eos_inf: Set the `eos_id` logit to -inf before proposing (LLaDA's flag), so EOS is
-        never generated.
-      confidence_eos_eot_inf: LLaDA's flag, reproduced literally: after the proposal the `eot_id` logit is set
-        to -inf for the confidence softmax, and so is the `eos_id` logit when `temperature == 0` (in LLaDA's
-        chained assignment the noisy and clean logits are the same tensor at T = 0).
-      stop_at_eos: A row that has generated `eos_id` is done once its block is finished: its later slots are
-        filled with `pad_id` and never denoised, and sampling stops when every row is done.
-      pad_id: Fill of a done row's later slots (default `eos_id`).
-      confidence_dtype: "float32", or "float64" (Fast-dLLM's softmax; needs `jax_enable_x64`, otherwise JAX
-        computes it in float32).
-      model: The `ModelConfig` to sample from, for `dlmjax.generate(params, prompt_ids, settings)` (set by
-        `for_model`); the low-level `dlmjax.sampling.generate` takes a denoiser instead and ignores it.
+      gen_length: Number of generated slots `G` after the prompt.
+      steps: Denoising steps summed over all blocks (LLaDA's convention); each block gets `steps // num_blocks`,
+        its step budget `S` (what the fixed-count rules spread their commits over).
+      block_length: Slots per block `L'`; None is one block of `gen_length` slots (no semi-AR). Resolved to an int
+        when built, so equal settings hash equally and share one compiled sampler.
+      tokens: The model's special token ids (mask; EOS/EoT/pad for the flags that use them).
+      proposal: What a step proposes at each slot and the confidence that ranks the slots (`LladaProposal`,
+        `DreamProposal`).
+      rule: Which slots a step commits (`TransferTable`, `Threshold`, `Factor`, `DreamSchedule`, `DreamThreshold`,
+        `DreamOrigin`, or any object with the `CommitRule` methods).
+      cache: Where a step's block logits come from (`NoCache`, `PrefixCache`, `DualCache`).
+      guidance: Classifier-free guidance (`Guidance(cfg_scale)`; 0 is off).
+      stop_at_eos: A row that has generated `tokens.eos_id` is done once its block is finished: its later slots are
+        filled with `tokens.pad_id` and never denoised, and sampling stops when every row is done.
     """
 
     gen_length: int
     steps: int
     block_length: int | None = None
-    schedule: str = "llada"
-    remasking: str = "low_confidence"
-    threshold: float | None = None
-    factor: float | None = None
-    cache: str = "none"
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    alg_temp: float = 0.0
-    eps: float = 1e-3
-    cfg_scale: float = 0.0
-    mask_id: int
-    eos_id: int | None = None
-    eot_id: int | None = None
-    logits_eos_inf: bool = False
-    confidence_eos_eot_inf: bool = False
+    tokens: SpecialTokens
+    proposal: Proposal = LladaProposal()
+    rule: CommitRule = TransferTable()
+    cache: CacheMode = NoCache()
+    guidance: Guidance = Guidance()
     stop_at_eos: bool = False
-    pad_id: int | None = None
-    confidence_dtype: str = "float32"
-    model: Any = None
 
     def __post_init__(self):
-        if self.block_length is None and _is_int(self.gen_length):
+        if self.block_length is None and check.is_int(self.gen_length):
             object.__setattr__(self, "block_length", self.gen_length)
-        if self.pad_id is None and self.eos_id is not None:
-            object.__setattr__(self, "pad_id", self.eos_id)
         self.validate()
 
     @property
@@ -117,198 +95,137 @@ class SamplerSettings:
 
     @property
     def steps_per_block(self) -> int:
-        """Denoising steps `S` per block: `steps // num_blocks`."""
+        """The step budget `S` of each block: `steps // num_blocks`."""
         return self.steps // self.num_blocks
 
-    @property
-    def parallel(self) -> bool:
-        """True when commits per step are data dependent (threshold or factor decoding)."""
-        return self.threshold is not None or self.factor is not None
-
     def validate(self) -> None:
-        """Raises ValueError naming the field, its value and what is allowed."""
+        """Raises SettingsError naming the field, its value and what is allowed."""
         name = type(self).__name__
-        check_positive_ints(self, ("gen_length", "steps", "block_length"))
+        for field in ("gen_length", "steps", "block_length"):
+            check.positive_int(name, field, getattr(self, field))
         if self.gen_length % self.block_length:
             divisors = [d for d in range(1, self.gen_length + 1) if self.gen_length % d == 0]
-            raise ValueError(
-                f"{name}.block_length={self.block_length} does not divide "
-                f"gen_length={self.gen_length}; choose a divisor of gen_length, one of {divisors}")
-        num_blocks = self.num_blocks
-        if self.steps % num_blocks:
+            raise SettingsError(f"{name}.block_length={self.block_length} does not divide gen_length="
+                                f"{self.gen_length}; choose a divisor of gen_length, one of {divisors}",
+                                field="block_length")
+        if self.steps % self.num_blocks:
             # Also catches steps < num_blocks: no block may get zero steps.
-            raise ValueError(
-                f"{name}.steps={self.steps} is not a multiple of num_blocks={num_blocks} "
-                f"(= gen_length // block_length); choose one of {num_blocks}, {2 * num_blocks}, "
-                f"{3 * num_blocks}, ...")
-        check_choice(self, "schedule", SCHEDULES)
-        check_choice(self, "remasking", CONFIDENCE_RULES)
-        check_choice(self, "cache", CACHE_MODES)
-        check_choice(self, "confidence_dtype", CONFIDENCE_DTYPES)
-        check_nonnegative_reals(self, ("temperature", "cfg_scale"), off="0 turns it off")
-        check_nonnegative_reals(self, ("alg_temp",), off="0 takes the top k")
-        for field in ("threshold", "factor"):
-            value = getattr(self, field)
-            if value is not None and (not _is_real(value) or not math.isfinite(value) or value <= 0
-                                      or (field == "threshold" and value > 1)):
-                rule = "a number in (0, 1]" if field == "threshold" else "a finite number > 0"
-                raise ValueError(f"{name}.{field}={value!r} is not allowed; use None (off) or {rule}")
-        if self.threshold is not None and self.factor is not None:
-            raise ValueError(f"{name}: threshold={self.threshold} and factor={self.factor} are two rules for the "
-                             "same choice; set one of them")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"{name}.top_k={self.top_k!r} is not allowed; use an int >= 0 (0 turns it off)")
-        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"{name}.top_p={self.top_p!r} is not allowed; use a number in (0, 1] (1 turns it off)")
-        if not _is_real(self.eps) or not 0 < self.eps < 1:
-            raise ValueError(f"{name}.eps={self.eps!r} is not allowed; use a number in (0, 1)")
-        check_token_ids(self, ("mask_id", "eos_id", "eot_id", "pad_id"))
-        if self.mask_id is None:
-            raise ValueError(f"{name}.mask_id=None is not allowed; use an int >= 0")
-        for flag in ("logits_eos_inf", "confidence_eos_eot_inf", "stop_at_eos"):
-            if not isinstance(getattr(self, flag), bool):
-                raise ValueError(f"{name}.{flag}={getattr(self, flag)!r} is not allowed; use a bool")
-        for flag, needs in (("logits_eos_inf", ("eos_id",)), ("stop_at_eos", ("eos_id",)),
-                            ("confidence_eos_eot_inf", ("eos_id", "eot_id"))):
-            for field in needs:
-                if getattr(self, flag) and getattr(self, field) is None:
-                    raise ValueError(
-                        f"{name}.{flag}=True needs {field}, which is None; set {field} to the "
-                        f"model's token id, or {flag}=False")
-        if self.stop_at_eos and self.pad_id == self.mask_id:
-            raise ValueError(f"{name}.pad_id={self.pad_id} equals mask_id; a [MASK] fill would be denoised again")
-        self._validate_schedule(name)
-
-    def _validate_schedule(self, name: str) -> None:
-        """Combinations the references do not define are refused rather than guessed."""
-        if self.schedule == "llada":
-            if self.alg_temp:
-                raise ValueError(f"{name}.alg_temp={self.alg_temp} is Dream's and needs schedule='dream'")
-            return
-        if self.cache != "none":
-            raise ValueError(f"{name}.cache={self.cache!r} needs schedule='llada' (Fast-dLLM's caches); "
-                             f"schedule={self.schedule!r} runs Dream's uncached loop")
-        if self.factor is not None:
-            raise ValueError(f"{name}.factor={self.factor} is Fast-dLLM's rule and needs schedule='llada'")
-        if self.schedule == "dream" and self.remasking == "random":
-            raise ValueError(f"{name}.remasking='random' is not a Dream algorithm; with schedule='dream' choose "
-                             "low_confidence (maskgit_plus), margin (topk_margin) or entropy")
-        if self.schedule == "origin" and (self.threshold is not None or self.alg_temp):
-            raise ValueError(f"{name}: schedule='origin' unmasks slots at random; it takes no threshold or alg_temp")
+            n = self.num_blocks
+            raise SettingsError(f"{name}.steps={self.steps} is not a multiple of num_blocks={n} (= gen_length // "
+                                f"block_length); choose one of {n}, {2 * n}, {3 * n}, ...", field="steps")
+        _check_parts(name, self)
+        if not isinstance(self.cache, (NoCache, PrefixCache, DualCache)):
+            check.fail(name, "cache", self.cache, "use NoCache(), PrefixCache() or DualCache()")
+        if not isinstance(self.guidance, Guidance):
+            check.fail(name, "guidance", self.guidance, "use a Guidance(cfg_scale)")
+        check.boolean(name, "stop_at_eos", self.stop_at_eos)
+        if self.stop_at_eos and self.tokens.eos_id is None:
+            check.fail("SpecialTokens", "eos_id", None, f"{name}.stop_at_eos=True needs the model's eos_id")
+        if self.cache.keeps_kv and not (isinstance(self.rule, CACHED_RULES)
+                                        and isinstance(self.proposal, LladaProposal)):
+            # Fast-dLLM defined its caches for LLaDA's loop; other combinations are refused rather than guessed.
+            check.fail(name, "cache", self.cache, "Fast-dLLM's caches run with LLaDA's proposal and the "
+                       "TransferTable, Threshold or Factor rule; use NoCache() with Dream's decoding")
 
     @classmethod
-    def dream(cls, *, max_new_tokens: int, steps: int, alg: str = "origin", alg_temp: float | None = None,
-              threshold: float | None = None, **kwargs) -> "SamplerSettings":
+    def llada(cls, *, gen_length: int, steps: int, block_length: int | None = None,
+              remasking: str = Confidence.LOW_CONFIDENCE, threshold: float | None = None,
+              factor: float | None = None, cache: str = CacheKind.NONE, temperature: float = 0.0, top_k: int = 0,
+              top_p: float = 1.0, cfg_scale: float = 0.0, confidence_dtype: str = "float32",
+              logits_eos_inf: bool = False, confidence_eos_eot_inf: bool = False, stop_at_eos: bool = False,
+              tokens: SpecialTokens | None = None, mask_id: int | None = None, eos_id: int | None = None,
+              eot_id: int | None = None, pad_id: int | None = None) -> "SamplerSettings":
+        """Settings in LLaDA / Fast-dLLM `generate` terms.
+
+        `remasking`: low_confidence, random, margin or entropy. `threshold` (in (0, 1]) or `factor` (> 0) choose
+        Fast-dLLM's parallel rules instead of LLaDA's transfer table (one of them at most). `cache`: none, prefix
+        or dual. Token ids come from `tokens` or the id keywords.
+        """
+        if threshold is not None and factor is not None:
+            check.fail("SamplerSettings", "factor", factor, f"threshold={threshold} and factor are two rules for "
+                       "the same choice; set one of them")
+        rule = Threshold(threshold) if threshold is not None else Factor(factor) if factor is not None \
+            else TransferTable()
+        # The choices are checked under the names the caller used (`remasking` is the proposal's `confidence`).
+        cache_kind = parse_choice(CacheKind, cache, owner="SamplerSettings", field="cache")
+        remasking = parse_choice(Confidence, remasking, owner="SamplerSettings", field="remasking")
+        proposal = LladaProposal(temperature=temperature, top_k=top_k, top_p=top_p, confidence=remasking,
+                                 confidence_dtype=confidence_dtype, logits_eos_inf=logits_eos_inf,
+                                 confidence_eos_eot_inf=confidence_eos_eot_inf)
+        return cls(gen_length=gen_length, steps=steps, block_length=block_length, proposal=proposal, rule=rule,
+                   cache=CACHE_MODES[cache_kind], guidance=Guidance(cfg_scale), stop_at_eos=stop_at_eos,
+                   tokens=special_tokens(tokens, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id, pad_id=pad_id))
+
+    @classmethod
+    def dream(cls, *, max_new_tokens: int, steps: int, alg: str = DreamAlg.ORIGIN, alg_temp: float | None = None,
+              threshold: float | None = None, eps: float = 1e-3, temperature: float = 0.0, top_k: int = 0,
+              top_p: float = 1.0, block_length: int | None = None, cfg_scale: float = 0.0,
+              logits_eos_inf: bool = False, stop_at_eos: bool = False, tokens: SpecialTokens | None = None,
+              mask_id: int | None = None, eos_id: int | None = None, eot_id: int | None = None,
+              pad_id: int | None = None) -> "SamplerSettings":
         """Settings in Dream's `diffusion_generate` terms: `alg` in origin, maskgit_plus, topk_margin, entropy,
-        confidence_threshold (the Fast-dLLM addition; default threshold 0.9 as there)."""
-        algs = {"origin": ("origin", "low_confidence"), "maskgit_plus": ("dream", "low_confidence"),
-                "topk_margin": ("dream", "margin"), "entropy": ("dream", "entropy"),
-                "confidence_threshold": ("dream", "low_confidence")}
-        if alg not in algs:
-            raise ValueError(f"SamplerSettings.dream: alg={alg!r} is not allowed; choose one of {list(algs)}")
-        schedule, remasking = algs[alg]
-        if alg == "confidence_threshold":
-            threshold = 0.9 if threshold is None else threshold
-        elif threshold is not None:
-            raise ValueError(f"SamplerSettings.dream: threshold={threshold} needs alg='confidence_threshold'")
-        return cls(gen_length=max_new_tokens, steps=steps, schedule=schedule, remasking=remasking,
-                   alg_temp=alg_temp or 0.0, threshold=threshold, **kwargs)
-
-    @classmethod
-    def for_model(cls, config, **kwargs) -> "SamplerSettings":
-        """Settings whose token ids come from a checkpoint's `Config` (mask id) unless given."""
-        kwargs.setdefault("mask_id", config.diffusion.mask_id)
-        return cls(model=config.model, **kwargs)
-
-
-# Field checks shared by the settings classes: each raises ValueError naming class, field, value and rule.
-
-def check_positive_ints(settings, fields) -> None:
-    for field in fields:
-        value = getattr(settings, field)
-        if not _is_int(value) or value < 1:
-            raise ValueError(f"{type(settings).__name__}.{field}={value!r} is not allowed; use an int >= 1")
-
-
-def check_choice(settings, field, allowed) -> None:
-    value = getattr(settings, field)
-    if value not in allowed:
-        raise ValueError(
-            f"{type(settings).__name__}.{field}={value!r} is not allowed; choose one of {list(allowed)}")
-
-
-def check_nonnegative_reals(settings, fields, *, off: str) -> None:
-    for field in fields:
-        value = getattr(settings, field)
-        if not _is_real(value) or not math.isfinite(value) or value < 0:
-            raise ValueError(
-                f"{type(settings).__name__}.{field}={value!r} is not allowed; use a finite number >= 0 ({off})")
-
-
-def check_token_ids(settings, fields) -> None:
-    """Optional token ids: None or an int >= 0 (whether it is in the vocabulary is checked against the model)."""
-    for field in fields:
-        value = getattr(settings, field)
-        if value is not None and (not _is_int(value) or value < 0):
-            raise ValueError(f"{type(settings).__name__}.{field}={value!r} is not allowed; use an int >= 0")
-
-
-def _is_int(value) -> bool:
-    # bool is an int subclass, but `steps=True` is a mistake, not 1.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+        confidence_threshold (Fast-dLLM's addition; default threshold 0.9 as there). `alg_temp` (maskgit_plus,
+        topk_margin, entropy) draws the committed slots from `softmax(confidence / alg_temp)`."""
+        owner = "SamplerSettings.dream"
+        alg = parse_choice(DreamAlg, alg, owner=owner, field="alg")
+        confidences = {DreamAlg.TOPK_MARGIN: Confidence.MARGIN, DreamAlg.ENTROPY: Confidence.ENTROPY}
+        if threshold is not None and alg != DreamAlg.CONFIDENCE_THRESHOLD:
+            check.fail(owner, "threshold", threshold, "it needs alg='confidence_threshold'")
+        scheduled = alg in (DreamAlg.MASKGIT_PLUS, DreamAlg.TOPK_MARGIN, DreamAlg.ENTROPY)
+        if alg_temp and not scheduled:
+            check.fail(owner, "alg_temp", alg_temp, f"alg={str(alg)!r} takes none; it draws slots for maskgit_plus, "
+                       "topk_margin and entropy")
+        if alg == DreamAlg.ORIGIN:
+            rule = DreamOrigin(eps=eps)
+        elif alg == DreamAlg.CONFIDENCE_THRESHOLD:
+            rule = DreamThreshold(0.9 if threshold is None else threshold)
+        else:
+            rule = DreamSchedule(eps=eps, alg_temp=alg_temp or 0.0)
+        proposal = DreamProposal(temperature=temperature, top_k=top_k, top_p=top_p,
+                                 confidence=confidences.get(alg, Confidence.LOW_CONFIDENCE),
+                                 logits_eos_inf=logits_eos_inf)
+        return cls(gen_length=max_new_tokens, steps=steps, block_length=block_length, proposal=proposal, rule=rule,
+                   guidance=Guidance(cfg_scale), stop_at_eos=stop_at_eos,
+                   tokens=special_tokens(tokens, mask_id=mask_id, eos_id=eos_id, eot_id=eot_id, pad_id=pad_id))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BlockSamplerSettings:
-    """How the block-diffusion sampler (`generate_blocks`, ALGORITHMS.md §4.4, §4.10) fills rows up to `max_length`.
+    """How the block-diffusion sampler (`generate_blocks`) fills rows up to `max_length`.
 
-    A row is cut into blocks of `block_length` slots counted from its first token, the grid BD3 training
-    uses, so a prompt that ends inside a block shares that block with the first generated slots. Blocks are
-    finished left to right; each is denoised in at most `steps_per_block` steps (one forward pass each)
-    with the masked sampler's rules, then committed to the KV cache. `block_length=1` is autoregressive
-    decoding; `block_length=max_length` is MDLM/LLaDA with the prompt as clean context.
+    A row is cut into blocks of `block_length` slots counted from its first token, the grid BD3 training uses, so a
+    prompt that ends inside a block shares that block with the first generated slots. Blocks are finished left to
+    right; each is denoised in at most the rule's bound of steps (one forward pass each), then committed to the KV
+    cache. `block_length=1` is autoregressive decoding; `block_length=max_length` is MDLM/LLaDA with the prompt as
+    clean context.
 
     Attributes:
-      max_length: Slots per row, prompt included (BD3's sequence length); a multiple of `block_length`.
-        A row with a prompt of `n` tokens generates `max_length - n` slots.
+      max_length: Slots per row, prompt included (BD3's sequence length); a multiple of `block_length`. A row with a
+        prompt of `n` tokens generates `max_length - n` slots.
       block_length: Slots per block `L'`.
-      steps_per_block: Denoising steps `S` per block (default `block_length`: one commit per step). Commits
-        per step follow LLaDA's front-loaded transfer table over the block's masked slots; a block stops
-        early once none of its slots is masked, so a block that the prompt half fills takes fewer steps.
-      remasking: "low_confidence" or "random", as in `SamplerSettings`.
-      temperature: 0 is greedy; `T > 0` samples from `softmax(logits / T)` (Gumbel-max).
-      top_k: Keep only the `k` most likely tokens of each proposal distribution (0 = off).
-      top_p: Nucleus filtering: keep the smallest set of most likely tokens whose mass reaches `top_p`
-        (1.0 = off). Applied after `top_k`, to the temperature-scaled distribution.
-      mask_id: Token id of [MASK]; the model never proposes it (SUBS).
-      eos_id: A row that generates `eos_id` is done once its block is finished: its later blocks are
-        `pad_id` and frozen, and sampling stops when every row is done. None: rows never stop early.
-      pad_id: Fill of a done row's later blocks (default `eos_id`).
-      cache_length: KV-cache slots per row; None sizes it exactly (`max_length - block_length`: the last
-        block is never committed). Too small a value is an error, never a silent overwrite.
+      steps_per_block: The step budget `S` of a block (default `block_length`: one commit per step with the
+        transfer table). A block stops early once none of its slots is masked, so a block that the prompt half fills
+        takes fewer steps.
+      tokens: The model's special token ids. With `eos_id` set, a row that generates it is done once its block is
+        finished: its later blocks hold `pad_id` and are frozen, and sampling stops when every row is done.
+      proposal: `LladaProposal` (temperature, top-k / top-p, confidence "low_confidence" or "random"). The model
+        never proposes the mask id (SUBS).
+      rule: The commit rule (default LLaDA's `TransferTable` over the block's masked slots).
+      cache_length: KV-cache slots per row; None sizes it exactly (`max_length - block_length`: the last block is
+        never committed). Too small a value is an error, never a silent overwrite.
     """
 
     max_length: int
     block_length: int
     steps_per_block: int | None = None
-    remasking: str = "low_confidence"
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    mask_id: int
-    eos_id: int | None = None
-    pad_id: int | None = None
+    tokens: SpecialTokens
+    proposal: Proposal = LladaProposal()
+    rule: CommitRule = TransferTable()
     cache_length: int | None = None
 
     def __post_init__(self):
-        if self.steps_per_block is None and _is_int(self.block_length):
+        if self.steps_per_block is None and check.is_int(self.block_length):
             object.__setattr__(self, "steps_per_block", self.block_length)
-        if self.pad_id is None and self.eos_id is not None:
-            object.__setattr__(self, "pad_id", self.eos_id)
         self.validate()
 
     @property
@@ -316,26 +233,32 @@ class BlockSamplerSettings:
         return self.max_length // self.block_length
 
     def validate(self) -> None:
-        """Raises ValueError naming the field, its value and what is allowed."""
+        """Raises SettingsError naming the field, its value and what is allowed."""
         name = type(self).__name__
-        check_positive_ints(self, ("max_length", "block_length", "steps_per_block"))
+        for field in ("max_length", "block_length", "steps_per_block"):
+            check.positive_int(name, field, getattr(self, field))
         if self.max_length % self.block_length:
             divisors = [d for d in range(1, self.max_length + 1) if self.max_length % d == 0]
-            raise ValueError(
-                f"{name}.max_length={self.max_length} is not a multiple of block_length={self.block_length}; "
-                f"choose a block_length in {divisors} or a max_length that is a multiple of {self.block_length}")
-        check_choice(self, "remasking", REMASKING_RULES)
-        check_nonnegative_reals(self, ("temperature",), off="0 is greedy")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"{name}.top_k={self.top_k!r} is not allowed; use an int >= 0 (0 turns it off)")
-        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
-            raise ValueError(f"{name}.top_p={self.top_p!r} is not allowed; use a number in (0, 1] (1 turns it off)")
-        check_token_ids(self, ("mask_id", "eos_id", "pad_id"))
-        if self.mask_id is None:
-            raise ValueError(f"{name}.mask_id=None is not allowed; use an int >= 0")
-        if self.mask_id in (self.eos_id, self.pad_id):
-            # A [MASK] fill would be denoised again instead of staying frozen.
-            raise ValueError(f"{name}: eos_id={self.eos_id} and pad_id={self.pad_id} must differ from "
-                             f"mask_id={self.mask_id}")
-        if self.cache_length is not None and (not _is_int(self.cache_length) or self.cache_length < 1):
-            raise ValueError(f"{name}.cache_length={self.cache_length!r} is not allowed; use None or an int >= 1")
+            raise SettingsError(f"{name}.max_length={self.max_length} is not a multiple of block_length="
+                                f"{self.block_length}; choose a block_length in {divisors} or a max_length that "
+                                f"is a multiple of {self.block_length}", field="max_length")
+        _check_parts(name, self)
+        if self.cache_length is not None:
+            check.positive_int(name, "cache_length", self.cache_length)
+
+    @classmethod
+    def bd3(cls, *, max_length: int, block_length: int, steps_per_block: int | None = None,
+            remasking: str = Confidence.LOW_CONFIDENCE, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+            cache_length: int | None = None, tokens: SpecialTokens | None = None, mask_id: int | None = None,
+            eos_id: int | None = None, pad_id: int | None = None) -> "BlockSamplerSettings":
+        """Settings in flat keywords: LLaDA's transfer table in each block, ranked by `remasking` (low_confidence
+        or random), proposals at `temperature` with top-k / top-p."""
+        remasking = parse_choice(Confidence, remasking, owner=cls.__name__, field="remasking",  # the caller's name
+                                 allowed=BLOCK_CONFIDENCES)
+        proposal = LladaProposal(temperature=temperature, top_k=top_k, top_p=top_p, confidence=remasking)
+        return cls(max_length=max_length, block_length=block_length, steps_per_block=steps_per_block,
+                   proposal=proposal, cache_length=cache_length,
+                   tokens=special_tokens(tokens, mask_id=mask_id, eos_id=eos_id, pad_id=pad_id))
+
+
+__all__ = ["BlockSamplerSettings", "CACHE_MODES", "SamplerSettings", "special_tokens"]

@@ -10,6 +10,7 @@ recomputes those steps bit for bit, so after a resume each step has exactly one 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -46,6 +47,18 @@ class MetricsWriter:
         if self.enabled:
             self._tb.close()
             self._jsonl.close()
+
+
+DEBUG_PROCESS_METRICS = "DLMJAX_DEBUG_PROCESS_METRICS"
+
+
+def process_metrics_writer(workdir: str | Path, resume_step: int) -> MetricsWriter:
+    """Process 0 writes `metrics.jsonl` and TensorBoard; the others nothing, unless DLMJAX_DEBUG_PROCESS_METRICS=1
+    (then process p writes its own copy under `workdir/process<p>/`, to check that every process agrees)."""
+    p = jax.process_index()
+    if p and os.environ.get(DEBUG_PROCESS_METRICS, "") not in ("", "0"):
+        return MetricsWriter(Path(workdir) / f"process{p}", enabled=True, resume_step=resume_step)
+    return MetricsWriter(workdir, enabled=p == 0, resume_step=resume_step)
 
 
 def drop_records_after(path: Path, step: int) -> int:

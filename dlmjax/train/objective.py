@@ -17,7 +17,7 @@ from dlmjax.diffusion import block, forward, losses, schedules
 from dlmjax.models.attention import Bd3TrainingMask
 from dlmjax.models.transformer import build_model
 
-# BD3-LM's unbiased clipped schedule: the NELBO it reports (ALGORITHMS.md §1.3, §6.1).
+# BD3-LM's unbiased clipped schedule: the NELBO it reports.
 BD3_NELBO_CLIP = (1e-3, 1.0)
 
 
@@ -43,7 +43,7 @@ def _metrics(loss, logits, x0, is_masked):
 
 
 def bd3_loss_terms(params, batch, t, u, *, model_cfg: ModelConfig, diff_cfg: DiffusionConfig):
-    """The BD3-LM objective with its randomness given (ALGORITHMS.md §2.3): AR, block diffusion and MDLM.
+    """The BD3-LM objective with its randomness given: AR, block diffusion and MDLM.
 
     Masks `x_t = mask_id` where `u <= t` (inclusive, as BD3) outside protected slots (padding, prompts), runs
     the model once on `[x_t ; x_0]` under `Bd3TrainingMask(L, L')` with positions 0..L-1 on both halves and

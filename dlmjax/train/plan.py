@@ -25,8 +25,8 @@ LOGIT_COPIES = 3
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
-    """Bytes per device (the largest shard, i.e. device 0 for even splits) and in total."""
+class MemoryPlan:
+    """What a run needs in device memory (`dlmjax plan`). Bytes per device (the largest shard, i.e. device 0 for even splits) and in total."""
 
     devices: int
     mesh: dict
@@ -94,7 +94,7 @@ def activation_bytes(cfg: Config, rows: int, tensor: int) -> int:
     return int(rows * length * (layers + logits))
 
 
-def make_plan(cfg: Config, devices: int, platform: str = "tpu", hbm_bytes: int | None = None) -> Plan:
+def make_plan(cfg: Config, devices: int, platform: str = "tpu", hbm_bytes: int | None = None) -> MemoryPlan:
     """The memory plan of `cfg` on `devices` devices of `platform` (nothing is allocated or compiled)."""
     if devices < 1:
         raise ValueError(f"--devices {devices}: a mesh needs at least one device")
@@ -114,11 +114,11 @@ def make_plan(cfg: Config, devices: int, platform: str = "tpu", hbm_bytes: int |
                         f"the batch cannot be split evenly (use a multiple of {batch_ways})")
     rows = -(-cfg.data.batch_size // batch_ways)
     budget = hbm_bytes if hbm_bytes is not None else HBM_BYTES[platform]
-    plan = Plan(devices=devices, mesh=sizes, n_params=sum(math.prod(x.shape) for x in jax.tree.leaves(like.params)),
-                param_bytes=param_local, opt_bytes=opt_local, grad_bytes=param_local,
-                activation_bytes=activation_bytes(cfg, rows, sizes["tensor"]), param_bytes_total=param_total,
-                opt_bytes_total=opt_total, rows_per_device=rows, hbm_bytes=budget,
-                replicated=tuple(str(r) for r in report), problems=tuple(problems))
+    n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(like.params))
+    plan = MemoryPlan(devices=devices, mesh=sizes, n_params=n_params, param_bytes=param_local, opt_bytes=opt_local,
+                      grad_bytes=param_local, activation_bytes=activation_bytes(cfg, rows, sizes["tensor"]),
+                      param_bytes_total=param_total, opt_bytes_total=opt_total, rows_per_device=rows,
+                      hbm_bytes=budget, replicated=tuple(str(r) for r in report), problems=tuple(problems))
     if budget is not None and plan.total_bytes > budget:
         plan = dataclasses.replace(plan, problems=plan.problems + (
             f"estimated {_fmt(plan.total_bytes)} per device exceeds the {_fmt(budget)} of a {platform} device",))
@@ -136,7 +136,7 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
-def format_plan(plan: Plan, cfg: Config, platform: str) -> str:
+def format_plan(plan: MemoryPlan, cfg: Config, platform: str) -> str:
     """A human-readable table followed by one JSON line (the last line) with the same numbers in bytes."""
     m = cfg.model
     mesh = " ".join(f"{k}={v}" for k, v in plan.mesh.items())

@@ -1,7 +1,6 @@
 """The train state pytree, the optimizer, and their shardings on a mesh."""
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax
@@ -12,6 +11,7 @@ import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
 from dlmjax.config import LogicalRules, ModelConfig, OptimConfig
+from dlmjax.models.specs import param_specs
 from dlmjax.models.transformer import build_model
 from dlmjax.sharding import LOGICAL_RULES, logical_to_sharding
 
@@ -62,12 +62,6 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
 def _init_variables(model_cfg: ModelConfig, rng: jax.Array):
     tokens = jnp.zeros((1, 8), jnp.int32)
     return build_model(model_cfg).init(rng, tokens)
-
-
-def param_specs(model_cfg: ModelConfig):
-    """(ShapeDtypeStruct tree of the parameters, their logical PartitionSpecs); allocates nothing."""
-    boxed = jax.eval_shape(functools.partial(_init_variables, model_cfg), jax.random.PRNGKey(0))
-    return nn.unbox(boxed)["params"], nn.get_partition_spec(boxed)["params"]
 
 
 def state_shardings(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,

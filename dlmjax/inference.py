@@ -1,0 +1,283 @@
+"""The sampler front door: which sampler, with which settings and special tokens, for a checkpoint.
+
+Everything that samples from a run goes through here: `dlmjax sample`, `dlmjax eval`, the training loop's final
+evaluation and the notebook (`dlmjax.open_run`). Three questions get one answer each:
+
+* Which token ids? `special_tokens(cfg, checkpoint)` reads them once: the mask id from the run's config, the
+  others from the import manifest of a converted Hugging Face checkpoint (its `config.json` ids), else from the
+  tokenizer the run was trained with (`data.tokenizer`: byte, a `tokenizer.json` or a SentencePiece model).
+* Which sampler? A run trained with `diffusion.objective=bd3` samples with the block sampler (exact KV cache,
+  blocks on the training grid, rows stop at their own EOS); every other objective with the masked sampler
+  (LLaDA / Fast-dLLM / Dream decoding).
+* Which settings? `sampler_settings(cfg, tokens, prompt_len, request)`: the run's `sample.*` defaults, overridden
+  by a `SampleRequest` (the user's flags), checked once; errors name the user's flag (`--gen-length`).
+
+Text goes in and out through the run's own tokenizer (`Run.tokenizer`), never a hard-coded one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dlmjax.config import Config
+from dlmjax.errors import SettingsError
+from dlmjax.sampling import (BlockSamplerSettings, Denoiser, SamplerSettings, generate_blocks,
+                             generate_blocks_uncached, generate_masked)
+from dlmjax.sampling.api import check_token_rows
+from dlmjax.sampling.api import generate as generate_rows
+from dlmjax.sampling.choices import BLOCK_CONFIDENCES, CacheKind
+from dlmjax.sampling.tokens import SpecialTokens
+
+# Where a training run keeps a copy of the tokenizer file it was trained with (so that the run samples text
+# after the original file has moved); `dlmjax train` writes it, `run_tokenizer` reads it first.
+TOKENIZER_DIR = "tokenizer"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SampleRequest:
+    """What a user asks of the sampler, in the sampler's words; None keeps the run's default (`sample.*`).
+
+    The CLI fills it from its flags (`--gen-length` is `gen_length`, and so on), so an error about a field can be
+    reported as the flag the user typed (`flag_of`).
+    """
+
+    gen_length: int | None = None
+    steps: int | None = None
+    block_length: int | None = None
+    steps_per_block: int | None = None
+    remasking: str | None = None
+    temperature: float | None = None
+    cfg_scale: float | None = None
+    cache: str | None = None
+    threshold: float | None = None
+    factor: float | None = None
+    alg: str | None = None
+    alg_temp: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stop_at_eos: bool | None = None
+
+    def given(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+
+# The masked sampler's own parameters: a block-diffusion run refuses them instead of ignoring them.
+MASKED_ONLY = ("cfg_scale", "cache", "threshold", "factor", "alg", "alg_temp")
+
+
+def flag_of(field: str) -> str:
+    """The command-line flag of a `SampleRequest` / settings field: `gen_length` -> `--gen-length`."""
+    return "--" + field.replace("_", "-")
+
+
+def uses_block_sampler(cfg: Config) -> bool:
+    return cfg.diffusion.objective == "bd3"
+
+
+# -- special tokens and the tokenizer ---------------------------------------------------------------------------
+
+
+def run_tokenizer(cfg: Config, checkpoint: str | Path | None = None):
+    """The tokenizer a run was trained with (None for a converted checkpoint that carries no tokenizer).
+
+    `data.tokenizer` names it: `byte`, or a file. The copy the run keeps (`<workdir>/tokenizer/<file name>`) is
+    read first, then the original path.
+    """
+    from dlmjax.data.tokenizer import ByteTokenizer, load_tokenizer  # noqa: PLC0415 (data is not a sampling need)
+
+    spec = cfg.data.tokenizer
+    if spec == "byte":
+        return ByteTokenizer() if cfg.model.vocab_size == ByteTokenizer.vocab_size else None
+    candidates = []
+    if checkpoint is not None:
+        root = _run_root(Path(checkpoint))
+        candidates.append(root / TOKENIZER_DIR / Path(spec).name)
+    candidates.append(Path(spec))
+    for path in candidates:
+        if path.is_file():
+            return load_tokenizer(str(path))
+    raise FileNotFoundError(2, f"the run's tokenizer (data.tokenizer={spec!r}) is not at "
+                               f"{' or '.join(str(p) for p in candidates)}", str(candidates[-1]))
+
+
+def _run_root(path: Path) -> Path:
+    """The run directory of a workdir, its checkpoints/ folder or a step folder (params exports: the folder)."""
+    for candidate in (path, *path.parents):
+        if (candidate / "checkpoints").is_dir() or (candidate / "config.json").is_file():
+            return candidate
+    return path
+
+
+def special_tokens(cfg: Config, checkpoint: str | Path | None = None, tokenizer=None) -> SpecialTokens:
+    """The checkpoint's token ids, read once.
+
+    mask: `diffusion.mask_id`. BOS / EOS / pad: the import manifest of a `dlmjax convert --from-hf` export (the
+    original config.json's ids), else the run's tokenizer (`tokenizer`, or `run_tokenizer`), else unknown (None).
+    """
+    from dlmjax.interchange import imported_token_ids  # noqa: PLC0415 (reads one JSON file)
+
+    ids = imported_token_ids(checkpoint) if checkpoint is not None else None
+    if ids is None:
+        tok = tokenizer if tokenizer is not None else run_tokenizer(cfg, checkpoint)
+        ids = {} if tok is None else {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id}
+    ids = {k: v for k, v in ids.items() if k in ("bos_id", "eos_id", "eot_id", "pad_id") and v is not None}
+    if ids.get("pad_id") == cfg.diffusion.mask_id:
+        ids.pop("pad_id")  # a [MASK] fill would be denoised again; pad with EOS instead
+    return SpecialTokens(mask_id=cfg.diffusion.mask_id, **ids)
+
+
+# -- settings -------------------------------------------------------------------------------------------------
+
+
+def sampler_settings(cfg: Config, tokens: SpecialTokens, prompt_len: int,
+                     request: SampleRequest = SampleRequest()) -> SamplerSettings | BlockSamplerSettings:
+    """The run's sampler settings for prompts of `prompt_len` slots (padding included).
+
+    Defaults come from `sample.*`; unset lengths fill the rest of a training row (`data.seq_len - prompt_len`
+    slots) one token per step. Raises `SettingsError` (with `.field`) on anything the sampler would refuse.
+    """
+    given = request.given()
+    s = cfg.sample
+    gen = given.get("gen_length", s.gen_length or (cfg.data.seq_len - prompt_len))
+    temperature = given.get("temperature", s.temperature)
+    if gen <= 0:
+        field = "gen_length" if "gen_length" in given else None
+        raise SettingsError(f"the prompt ({prompt_len} tokens) fills the training row (data.seq_len="
+                            f"{cfg.data.seq_len}); give a generation length (--gen-length / sample.gen_length)",
+                            field=field)
+    if uses_block_sampler(cfg):
+        refused = [k for k in MASKED_ONLY if k in given and given[k] not in (CacheKind.NONE, 0, 0.0)]
+        if refused:
+            raise SettingsError(
+                f"{' '.join(flag_of(k) for k in refused)}: this checkpoint (diffusion.objective=bd3) samples with the "
+                "BD3 block sampler, which has an exact KV cache and no guidance; these belong to the masked sampler",
+                field=refused[0])
+        remasking = given.get("remasking", s.remasking)
+        if remasking not in BLOCK_CONFIDENCES:
+            raise SettingsError(f"--remasking={remasking!r} is not a block-sampler rule; choose one of "
+                                f"{[str(c) for c in BLOCK_CONFIDENCES]}", field="remasking")
+        block = given.get("block_length", s.block_length or cfg.diffusion.block_size or cfg.data.seq_len)
+        max_length = prompt_len + gen
+        if max_length % block:
+            raise SettingsError(
+                f"prompt ({prompt_len} tokens) + gen_length ({gen}) = {max_length} is not a multiple of the block "
+                f"length {block} (--block-length / sample.block_length, else diffusion.block_size); choose a "
+                f"gen_length that ends the row on a block boundary, e.g. {gen + (-max_length % block)}",
+                field="gen_length")
+        return BlockSamplerSettings.bd3(
+            max_length=max_length, block_length=block,
+            steps_per_block=given.get("steps_per_block", s.steps_per_block), remasking=remasking,
+            temperature=temperature, top_k=given.get("top_k", 0), top_p=given.get("top_p", 1.0), tokens=tokens)
+    if "steps_per_block" in given:
+        raise SettingsError("--steps-per-block is the block sampler's (diffusion.objective=bd3 runs); the masked "
+                            "sampler takes --steps over all blocks", field="steps_per_block")
+    steps = given.get("steps", s.steps or gen)
+    block = given.get("block_length", s.block_length or gen)
+    common = dict(block_length=block, temperature=temperature, top_k=given.get("top_k", 0),
+                  top_p=given.get("top_p", 1.0), cfg_scale=given.get("cfg_scale", 0.0),
+                  stop_at_eos=given.get("stop_at_eos", False), tokens=tokens)
+    if "alg" in given:
+        clash = [k for k in ("cache", "factor", "remasking") if k in given and given[k] != CacheKind.NONE]
+        if clash:
+            raise SettingsError(f"--alg selects Dream's decoding; it takes no {' or '.join(map(flag_of, clash))}",
+                                field=clash[0])
+        return SamplerSettings.dream(max_new_tokens=gen, steps=steps, alg=given["alg"],
+                                     alg_temp=given.get("alg_temp", 0.0), threshold=given.get("threshold"),
+                                     **common)
+    return SamplerSettings.llada(gen_length=gen, steps=steps, remasking=given.get("remasking", s.remasking),
+                            cache=given.get("cache", CacheKind.NONE), threshold=given.get("threshold"),
+                            factor=given.get("factor"), **common)
+
+
+# -- sampling ---------------------------------------------------------------------------------------------------
+
+
+def sample(cfg: Config, params, prompt, rng, *, settings, prompt_mask=None, cached: bool = True):
+    """Samples continuations of equal-width `prompt` int[B, W] (left-padded with `prompt_mask`) with `settings`.
+
+    Returns (tokens int32[B, W + G], nfe int32): the block sampler returns each row's prompt without padding
+    followed by its generation; the masked sampler keeps the padding in place. `cached=False` runs the block
+    sampler's uncached twin (same tokens; for checks and benchmarks).
+    """
+    prompt = jnp.asarray(prompt, jnp.int32)
+    if isinstance(settings, BlockSamplerSettings):
+        fn = generate_blocks if cached else generate_blocks_uncached
+        return fn(Denoiser(cfg.model), params, prompt, settings, rng, prompt_mask=prompt_mask)
+    if prompt.shape[1] + settings.gen_length > cfg.model.max_seq_len:
+        raise SettingsError(f"prompt ({prompt.shape[1]} tokens) + gen_length ({settings.gen_length}) = "
+                            f"{prompt.shape[1] + settings.gen_length} exceeds the model's context "
+                            f"model.max_seq_len={cfg.model.max_seq_len}", field="gen_length")
+    return generate_masked(Denoiser(cfg.model), params, prompt, settings, rng, prompt_mask=prompt_mask)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A checkpoint opened for sampling: its config, parameters, token ids and tokenizer (None if it has none)."""
+
+    path: Path
+    config: Config
+    params: Any
+    tokens: SpecialTokens
+    tokenizer: Any
+
+    def settings(self, prompt_len: int, request: SampleRequest = SampleRequest()):
+        return sampler_settings(self.config, self.tokens, prompt_len, request)
+
+    def encode(self, text: str) -> list[int]:
+        """A text prompt as the run's tokenizer frames it (BOS first, as in training rows)."""
+        if self.tokenizer is None:
+            raise SettingsError(f"{self.path} carries no tokenizer (data.tokenizer={self.config.data.tokenizer!r}); "
+                                "give token ids (--prompt-ids)", field="prompt")
+        return self.tokenizer.encode(text, bos=True)
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+
+def open_run(path: str | Path) -> Run:
+    """Loads a checkpoint (`dlmjax.load`) with its token ids and tokenizer: the notebook and CLI entry point."""
+    from dlmjax.checkpoint import load  # noqa: PLC0415 (orbax only when a checkpoint is read)
+
+    cfg, params = load(path)
+    tok = run_tokenizer(cfg, path)
+    return Run(path=Path(path), config=cfg, params=params, tokens=special_tokens(cfg, path, tok), tokenizer=tok)
+
+
+def generated_text(run: Run, rows: list[list[int]], prompt_lengths: list[int]) -> list[str]:
+    """Each row's generation as text (cut at EOS by the tokenizer)."""
+    return [run.decode(np.asarray(row[n:])) for row, n in zip(rows, prompt_lengths)]
+
+
+
+
+def sample_rows(run: Run, rows: list[list[int]], request: SampleRequest = SampleRequest(), *, seed: int = 0):
+    """Samples after each prompt row (any lengths) with the run's sampler: the `dlmjax sample` library call.
+
+    Prompt ids are checked on the host first (inside the vocabulary, no mask id). Returns (rows of prompt +
+    generation ids without padding, nfe).
+    """
+    if not rows or any(not r for r in rows):
+        raise SettingsError("every prompt needs at least one token", field="prompt_ids")
+    check_token_rows(rows, "prompt_ids", vocab_size=run.config.model.vocab_size, tokens=run.tokens)
+    settings = run.settings(max(len(r) for r in rows), request)
+    result = generate_rows(run.config, run.params, rows, settings, jax.random.PRNGKey(seed))
+    return result.rows(), result.nfe
+
+
+def check_sample_config(cfg: Config) -> None:
+    """Raises `ConfigError` (naming the `sample.*` field) if the run's sampler settings cannot sample its task's
+    held-out prompts; called when a task config loads, so a bad setting never waits for the end of training."""
+    from dlmjax.data.tasks import get_task  # noqa: PLC0415 (numpy only)
+    from dlmjax.errors import ConfigError  # noqa: PLC0415
+
+    prompt_len = 1 + get_task(cfg.data.task, **cfg.data.task_kwargs()).prompt_len  # BOS + prompt
+    try:
+        sampler_settings(cfg, SpecialTokens(mask_id=cfg.diffusion.mask_id), prompt_len)
+    except SettingsError as e:
+        field = f"sample.{e.field}" if e.field else "sample"
+        raise ConfigError(f"{field}: {e} (the task's prompts have {prompt_len} tokens)", field=field) from None
