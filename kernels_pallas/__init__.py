@@ -7,7 +7,7 @@ Standalone (nothing here imports `dlmjax`). Public API:
   mask never allows are skipped; see `masks.tile_map`.
 - `cached_attention(q_block, k_cache, v_cache, k_block, v_block, cache_lengths, *, impl="auto", ...)`: the
   active block against a ragged cache prefix plus its own keys (sampling; forward only).
-- `attention_for_model(...)`: the adapter for `dlmjax.models.attention.attention` (accepts its MaskSpecs).
+- `attention_for_model(...)`: the adapter for `dlmjax.models.attention.attention` (the same `Mask` classes).
 - Masks: `Full`, `Causal(offset)`, `BlockCausal(block_size)`, `Bd3Training(length, block_size)`;
   `tile_map`, `skipped_fraction`.
 - `lowering_target(platform)`: trace for a TPU/GPU this machine lacks (for `jax.export`).
@@ -104,28 +104,11 @@ def cached_attention(q_block, k_cache, v_cache, k_block, v_block, cache_lengths,
     return kernel(*args, block_q=block_q, block_k=block_k, interpret=interpret)
 
 
-def as_mask(spec) -> Mask:
-    """A kernels_pallas Mask from itself or from a dlmjax MaskSpec (matched by class name and fields)."""
-    if isinstance(spec, Mask):
-        return spec
-    name = type(spec).__name__
-    if name == "FullMask":
-        return Full()
-    if name == "CausalMask":
-        return Causal(spec.offset)
-    if name == "BlockCausalMask":
-        return BlockCausal(spec.block_size)
-    if name == "Bd3TrainingMask":
-        return Bd3Training(spec.length, spec.block_size)
-    raise ValueError(f"no kernels_pallas mask for {spec!r}; known: FullMask, CausalMask, BlockCausalMask, "
-                     "Bd3TrainingMask")
-
-
 def attention_for_model(q, k, v, *, mask, key_mask=None, impl: str = "auto", interpret: bool | None = None):
     """Drop-in for `dlmjax.models.attention.attention` when `dense_mask is None` (no arbitrary dense mask).
 
     Difference to keep in mind: a query row with no visible key returns 0 here, the dense path returns the
     mean of the values; models ignore such rows (padding), so losses and samples are unaffected.
     """
-    return block_attention(q, k, v, mask=as_mask(mask), key_mask=None if key_mask is None else key_mask.astype(bool),
+    return block_attention(q, k, v, mask=mask, key_mask=None if key_mask is None else key_mask.astype(bool),
                            impl=impl, interpret=interpret)

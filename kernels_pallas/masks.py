@@ -1,5 +1,8 @@
 """Attention masks as index rules, and the per-tile map that lets the kernels skip empty tiles.
 
+This is the one definition of dlmjax's attention structures: the models (`dlmjax.models.attention`), the BD3
+training objective (`dlmjax.diffusion`) and the kernels all use these classes.
+
 A mask is a small frozen (hashable, hence jit-static) dataclass with `allowed(q_idx, kv_idx)` written with
 operators only, so one rule runs on numpy arrays (tile maps, dense twins) and on jnp index tiles inside a
 Pallas kernel. Each mask also answers, for whole index rectangles at once, "is any / is every pair allowed",
@@ -43,11 +46,12 @@ class Mask:
         """For inclusive index rectangles (numpy int arrays, broadcast together): (any allowed, all allowed)."""
         raise NotImplementedError
 
-    def dense(self, q_len: int, kv_len: int) -> np.ndarray:
-        """bool[q_len, kv_len], True = may attend. Small lengths only (tests, reference twins)."""
-        q = np.arange(q_len)[:, None]
-        kv = np.arange(kv_len)[None, :]
-        return np.broadcast_to(np.asarray(self.allowed(q, kv), bool), (q_len, kv_len))
+    def dense(self, q_len: int, kv_len: int, xp=np):
+        """bool[q_len, kv_len], True = may attend, from `xp` (numpy or jax.numpy) index arrays. Small lengths only
+        (tests, reference twins, the dense XLA attention path)."""
+        q = xp.arange(q_len)[:, None]
+        kv = xp.arange(kv_len)[None, :]
+        return xp.broadcast_to(xp.asarray(self.allowed(q, kv), bool), (q_len, kv_len))
 
 
 @dataclasses.dataclass(frozen=True)

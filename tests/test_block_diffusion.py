@@ -12,7 +12,7 @@ from dlmjax.config import ConfigError, DiffusionConfig, ModelConfig, load_config
 from dlmjax.diffusion import block, forward, losses
 from dlmjax.diffusion.masks import bd3_training_mask
 from dlmjax.diffusion.schedules import LinearSchedule
-from dlmjax.models.attention import Bd3TrainingMask, BlockCausalMask, CausalMask, FullMask
+from dlmjax.models.attention import Bd3Training, BlockCausal, Causal, Full
 from dlmjax.models.transformer import Transformer, init_params
 from dlmjax.train.objective import bd3_loss_terms, diffusion_loss, nelbo_sums
 
@@ -56,11 +56,11 @@ def test_mask_equals_the_worked_example():
 def test_mask_equals_its_definition_and_the_mask_spec(length, block_size):
     expected = naive_mask(length, block_size)
     np.testing.assert_array_equal(bd3_training_mask(length, block_size), expected)
-    spec = Bd3TrainingMask(length, block_size)
-    np.testing.assert_array_equal(np.asarray(spec.dense(2 * length, 2 * length)), expected)  # jnp indices
+    spec = Bd3Training(length, block_size)
+    np.testing.assert_array_equal(np.asarray(spec.dense(2 * length, 2 * length, jnp)), expected)  # jnp indices
     np.testing.assert_array_equal(spec.dense(2 * length, 2 * length, np), expected)
     assert bool(spec.allowed(length - 1, length)) == expected[length - 1, length]  # plain ints too
-    assert hash(spec) == hash(Bd3TrainingMask(length, block_size))
+    assert hash(spec) == hash(Bd3Training(length, block_size))
 
 
 def test_block_size_1_and_length_are_the_ar_and_mdlm_layouts():
@@ -83,7 +83,7 @@ def test_bad_lengths_raise(length, block_size, pattern):
     with pytest.raises(ValueError, match=pattern):
         bd3_training_mask(length, block_size)
     with pytest.raises(ValueError, match=pattern):
-        Bd3TrainingMask(length, block_size)
+        Bd3Training(length, block_size)
 
 
 # ------------------------------------------------------------------------------------------- times and masking
@@ -178,7 +178,7 @@ def naive_block_loss(params, batch, t, u, block_size, clip_min, prefix_mask=None
     valid = np.asarray(batch["valid_mask"])
     protect = ~valid | np.asarray(batch["prompt_mask"])
     xt = np.where((u <= t) & ~protect, MASK_ID, x0)
-    mask = prefix_mask or BlockCausalMask(block_size)
+    mask = prefix_mask or BlockCausal(block_size)
     nll = np.zeros(x0.shape)
     for b in range(L // block_size):
         lo, hi = b * block_size, (b + 1) * block_size
@@ -208,7 +208,7 @@ def test_the_clean_prefix_must_not_see_later_blocks(params, batch):
     """Power check of the loop above: with full attention over [x_0 < b ; x_t b] the losses differ."""
     t, u = injected(4, 1e-3, 1.0)
     loss, _ = bd3_loss_terms(params, batch, t, u, model_cfg=MODEL, diff_cfg=bd3_cfg(4))
-    full, _ = naive_block_loss(params, batch, t, u, 4, 1e-3, prefix_mask=FullMask())
+    full, _ = naive_block_loss(params, batch, t, u, 4, 1e-3, prefix_mask=Full())
     assert abs(float(loss) - full) > 1e-3 * abs(full)
 
 
@@ -221,7 +221,7 @@ def test_block_size_1_with_t_1_is_a_left_to_right_ar_loop(params, batch):
     ar = np.zeros(x0.shape)
     for i in range(L):  # x_0[< i] then one mask token, causal attention; score x_0[i]
         tokens = np.concatenate([x0[:, :i], np.full((2, 1), MASK_ID, np.int32)], axis=1)
-        ar[:, i] = subs_nll(run_alone(params, CausalMask(), tokens, valid)[:, i], x0[:, i], True, 1.0)
+        ar[:, i] = subs_nll(run_alone(params, Causal(), tokens, valid)[:, i], x0[:, i], True, 1.0)
     ar = np.where(scored, ar, 0.0)
     np.testing.assert_array_equal(np.asarray(aux["is_masked"]), scored)
     np.testing.assert_allclose(np.asarray(aux["nll"]), ar, rtol=1e-5, atol=1e-5)
@@ -233,7 +233,7 @@ def test_block_size_length_is_the_masked_diffusion_loss(params, batch):
     loss, aux = bd3_loss_terms(params, batch, t, u, model_cfg=MODEL, diff_cfg=bd3_cfg(0))  # 0 means L
     scored = batch["valid_mask"] & ~batch["prompt_mask"]
     xt, _ = forward.forward_sample(batch["tokens"], t, u, MASK_ID, protect=~scored, inclusive=True)
-    logits = Transformer(MODEL, FullMask()).apply({"params": params}, xt, key_mask=batch["valid_mask"])
+    logits = Transformer(MODEL, Full()).apply({"params": params}, xt, key_mask=batch["valid_mask"])
     mdlm, nll = losses.mdlm_loss(logits, batch["tokens"], xt, t[:, 0], scored, LinearSchedule(), mask_id=MASK_ID)
     np.testing.assert_allclose(np.asarray(aux["nll"]), np.asarray(nll), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(float(loss), float(mdlm), rtol=1e-5)

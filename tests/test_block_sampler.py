@@ -17,7 +17,7 @@ import pytest
 
 from dlmjax.config import ModelConfig
 from dlmjax.diffusion.block import two_stream_inputs
-from dlmjax.models.attention import BlockCausalMask, Bd3TrainingMask
+from dlmjax.models.attention import BlockCausal, Bd3Training
 from dlmjax.models.transformer import Transformer, init_cache, init_params
 from dlmjax.sampling import BlockSamplerSettings, Denoiser, SpecialTokens, filter_logits
 from dlmjax.sampling import generate_blocks as _generate_blocks
@@ -77,7 +77,7 @@ def cached_forwards(cfg, prompt_length, block, params, tokens, positions, prompt
     """PREFILL the prompt, COMMIT one clean block, DENOISE one noisy block: one program, so one compile."""
     model = Transformer(cfg)
     cache = init_cache(cfg, tokens.shape[0], tokens.shape[1])  # one block too many: unwritten slots stay unseen
-    inner = BlockCausalMask(block).dense(prompt_length, prompt_length)[None]
+    inner = BlockCausal(block).dense(prompt_length, prompt_length)[None]
     chunks = [slice(0, prompt_length), slice(prompt_length, prompt_length + block), slice(prompt_length + block, None)]
     run = lambda part, cache, **kw: model.apply(  # noqa: E731
         {"params": params}, tokens[:, part], positions=positions[:, part], cache=cache, **kw)
@@ -123,7 +123,7 @@ def test_cached_logits_equal_one_dense_forward(scan_layers):
 
 def test_denoise_forward_sees_what_bd3_training_saw():
     """A prompt ending inside a block: the sampler's PREFILL + DENOISE logits for that block equal the noisy
-    half of the BD3 training forward on [x_t ; x_0] (Bd3TrainingMask), i.e. sampling and training share one
+    half of the BD3 training forward on [x_t ; x_0] (Bd3Training), i.e. sampling and training share one
     block grid counted from the row's first token."""
     length, block, prompt_length = 16, 4, 6  # the prompt fills block 0 and half of block 1
     rng = np.random.default_rng(5)
@@ -132,14 +132,14 @@ def test_denoise_forward_sees_what_bd3_training_saw():
     xt[:, prompt_length:] = MASK_ID  # everything after the prompt is still to generate
     xt[1, 7] = x0[1, 7]  # row 1 already committed one slot of the block
     tokens, positions, key_mask = two_stream_inputs(jnp.asarray(xt), jnp.asarray(x0), jnp.ones((2, length), bool))
-    train_logits = Transformer(CFG, Bd3TrainingMask(length, block)).apply(
+    train_logits = Transformer(CFG, Bd3Training(length, block)).apply(
         {"params": PARAMS}, tokens, positions=positions, key_mask=key_mask)[:, block:2 * block]
 
     model = Transformer(CFG)
     cache = init_cache(CFG, 2, length - block)
     pos = np.broadcast_to(np.arange(length, dtype=np.int32), (2, length))
     _, cache = model.apply({"params": PARAMS}, x0[:, :block], positions=pos[:, :block], cache=cache,
-                           update_cache=True, dense_mask=BlockCausalMask(block).dense(block, block)[None])
+                           update_cache=True, dense_mask=BlockCausal(block).dense(block, block)[None])
     logits, _ = model.apply({"params": PARAMS}, xt[:, block:2 * block], positions=pos[:, block:2 * block],
                             cache=cache)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(train_logits), rtol=1e-5, atol=1e-5)

@@ -20,14 +20,14 @@ from dlmjax.config import ConfigError, DiffusionConfig, ModelConfig, load_config
 from dlmjax.diffusion import NEG_INF, LogLinearSchedule, mdlm_loss, subs_log_probs
 from dlmjax.interchange import dit as dit_io
 from dlmjax.interchange.errors import InterchangeError
-from dlmjax.models.attention import Bd3TrainingMask, BlockCausalMask, FullMask
+from dlmjax.models.attention import Bd3Training, BlockCausal, Full
 from dlmjax.models.dit import DiT
 from dlmjax.models.transformer import build_model, init_cache, init_params
 from dlmjax.sampling import BlockSamplerSettings, Denoiser, generate_blocks, generate_blocks_uncached
 from dlmjax.train.objective import bd3_loss_terms
 
 GOLDEN = pathlib.Path(__file__).parent / "golden"
-FULL = FullMask()
+FULL = Full()
 
 
 def _npy(fixture: str, name: str) -> np.ndarray:
@@ -55,7 +55,7 @@ def _bd3_forward(sigma=None):
     x_input = _npy("tiny_bd3lm", "golden_x_input")
     length = x_input.shape[1] // 2
     positions = np.tile(np.arange(length, dtype=np.int32), (x_input.shape[0], 2))
-    mask = Bd3TrainingMask(length, meta["block_size"])
+    mask = Bd3Training(length, meta["block_size"])
     return np.asarray(_forward(cfg, mask, params, x_input, positions, sigma=sigma))[:, :length]
 
 
@@ -114,7 +114,7 @@ def test_bd3_logits_match_golden_on_two_stream_input():
 
 def test_bd3_training_mask_is_the_golden_mask():
     length, block = 16, 4
-    np.testing.assert_array_equal(np.asarray(Bd3TrainingMask(length, block).dense(2 * length, 2 * length)),
+    np.testing.assert_array_equal(np.asarray(Bd3Training(length, block).dense(2 * length, 2 * length)),
                                   _npy("tiny_bd3lm", "attn_mask_L16_block4"))
 
 
@@ -307,7 +307,7 @@ def test_cached_chunks_match_the_block_causal_forward():
     params = _tiny_params()
     tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, 40)
     positions = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (2, 16))
-    full = _forward(TINY, BlockCausalMask(4), params, tokens, positions)
+    full = _forward(TINY, BlockCausal(4), params, tokens, positions)
 
     @jax.jit
     def cached(params):
@@ -315,7 +315,7 @@ def test_cached_chunks_match_the_block_causal_forward():
         cache = init_cache(TINY, 2, 12)
         run = lambda s, cache, **kw: model.apply(  # noqa: E731
             {"params": params}, tokens[:, s], positions=positions[:, s], cache=cache, **kw)
-        a, cache = run(slice(0, 8), cache, dense_mask=BlockCausalMask(4).dense(8, 8)[None], update_cache=True)
+        a, cache = run(slice(0, 8), cache, dense_mask=BlockCausal(4).dense(8, 8)[None], update_cache=True)
         b, cache = run(slice(8, 12), cache, update_cache=True)
         c, after = run(slice(12, 16), cache)
         return jnp.concatenate([a, b, c], axis=1), cache, after

@@ -226,7 +226,7 @@ def test_native_model_exports_with_a_generated_config(tmp_path):
 
 def test_forward_of_a_bd3_model_reads_x_t_and_x_0_under_the_training_mask():
     from dlmjax.config import Config, DataConfig, DiffusionConfig, ModelConfig
-    from dlmjax.models.attention import BlockCausalMask
+    from dlmjax.models.attention import BlockCausal
     from dlmjax.models.transformer import init_params
 
     cfg = Config(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, mlp_hidden=64),
@@ -240,7 +240,7 @@ def test_forward_of_a_bd3_model_reads_x_t_and_x_0_under_the_training_mask():
     logits = forward_logits(cfg, params, np.concatenate([xt, x0], axis=1))
     assert logits.shape == (2, 32, cfg.model.vocab_size)
     # The x_0 stream sees x_0 block-causally at positions 0..L-1: the same as a block-causal forward of x_0 alone.
-    clean = jax.jit(build_model(cfg.model, BlockCausalMask(4)).apply)({"params": params}, x0)
+    clean = jax.jit(build_model(cfg.model, BlockCausal(4)).apply)({"params": params}, x0)
     np.testing.assert_allclose(logits[:, 16:], np.asarray(clean), atol=1e-5)
     # Any other length is a plain bidirectional forward.
     full = jax.jit(build_model(cfg.model).apply)({"params": params}, x0[:, :12])

@@ -208,12 +208,12 @@ def test_cached_attention_matches_reference(impl, kw):
 
 
 def test_attention_for_model_matches_dlmjax_attention():
-    from dlmjax.models.attention import BlockCausalMask, attention
+    from dlmjax.models.attention import BlockCausal, attention
 
     q, k, v, _ = _inputs(2, 20, 20, 4, 2, 16, jnp.float32)
     key_mask = _key_mask(2, 20, [20, 15])
-    want = jax.jit(lambda q, k, v: attention(q, k, v, mask=BlockCausalMask(4), key_mask=key_mask))(q, k, v)
-    got = jax.jit(lambda q, k, v: kp.attention_for_model(q, k, v, mask=BlockCausalMask(4), key_mask=key_mask,
+    want = jax.jit(lambda q, k, v: attention(q, k, v, mask=BlockCausal(4), key_mask=key_mask))(q, k, v)
+    got = jax.jit(lambda q, k, v: kp.attention_for_model(q, k, v, mask=BlockCausal(4), key_mask=key_mask,
                                                          impl="auto"))(q, k, v)
     _assert_close(got, want, jnp.float32)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dlmjax.config import ModelConfig
-from dlmjax.models import BlockCausalMask, CausalMask, FullMask, Transformer, attention, init_params
+from dlmjax.models import BlockCausal, Causal, Full, Transformer, attention, init_params
 from dlmjax.sampling import Denoiser
 from dlmjax.models.layers import RMSNorm, apply_rotary, rotary_tables
 
@@ -30,7 +30,7 @@ def naive_attention(q, k, v, allowed):
     return out
 
 
-@pytest.mark.parametrize("mask", [FullMask(), CausalMask(), BlockCausalMask(3)])
+@pytest.mark.parametrize("mask", [Full(), Causal(), BlockCausal(3)])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
 def test_attention_matches_naive(mask, kv_heads):
     rng = np.random.default_rng(0)
@@ -51,11 +51,11 @@ def test_attention_matches_naive(mask, kv_heads):
 
 def test_mask_specs_match_their_definitions():
     q, kv = np.arange(10)[:, None], np.arange(10)[None, :]
-    np.testing.assert_array_equal(BlockCausalMask(4).dense(10, 10, np), (q // 4) >= (kv // 4))
-    np.testing.assert_array_equal(CausalMask().dense(10, 10, np), kv <= q)
-    assert FullMask().dense(3, 5, np).all()
+    np.testing.assert_array_equal(BlockCausal(4).dense(10, 10, np), (q // 4) >= (kv // 4))
+    np.testing.assert_array_equal(Causal().dense(10, 10, np), kv <= q)
+    assert Full().dense(3, 5, np).all()
     with pytest.raises(ValueError, match="block_size=0"):
-        BlockCausalMask(0)
+        BlockCausal(0)
     with pytest.raises(ValueError, match="impl='flash' is not available"):
         attention(jnp.zeros((1, 2, 1, 2)), jnp.zeros((1, 2, 1, 2)), jnp.zeros((1, 2, 1, 2)), impl="flash")
 

@@ -11,7 +11,7 @@ import pytest
 
 import dlmjax
 from dlmjax.config import ModelConfig
-from dlmjax.models.attention import Bd3TrainingMask, BlockCausalMask, FullMask
+from dlmjax.models.attention import Bd3Training, BlockCausal, Full
 from dlmjax.models.transformer import Transformer, init_params
 from dlmjax.sampling import BlockSamplerSettings, Denoiser, SamplerSettings, generate_blocks_uncached
 
@@ -24,12 +24,12 @@ def params():
     return init_params(MODEL, jax.random.PRNGKey(0))
 
 
-@pytest.mark.parametrize("mask, length", [(FullMask(), 24), (BlockCausalMask(4), 24), (Bd3TrainingMask(12, 4), 24)],
+@pytest.mark.parametrize("mask, length", [(Full(), 24), (BlockCausal(4), 24), (Bd3Training(12, 4), 24)],
                          ids=["full", "block_causal", "bd3"])
 def test_kernel_logits_and_gradients_equal_the_dense_path(params, mask, length):
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, 39, (2, length)), jnp.int32)
     key_mask = jnp.ones((2, length), bool).at[1, :5].set(False)  # left padding in row 1
-    positions = jnp.broadcast_to(jnp.arange(length) % 12 if isinstance(mask, Bd3TrainingMask) else
+    positions = jnp.broadcast_to(jnp.arange(length) % 12 if isinstance(mask, Bd3Training) else
                                  jnp.arange(length), (2, length))
 
     def loss(p, config):

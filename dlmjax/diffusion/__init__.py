@@ -4,7 +4,7 @@
   `LogLinearSchedule`, `LLaDASchedule`) and `get_schedule(name, **kw)`.
 - `forward`: `sample_t` / `t_from_uniform` (diffusion times), `forward_sample` / `mask_tokens` (x_0 -> x_t).
 - `losses`: `subs_log_probs`, `mdlm_loss` (MDLM NELBO), `llada_pretrain_loss`, `llada_sft_loss`.
-- `masks`: `bd3_training_mask` / `bd3_allowed`, block diffusion's [x_t ; x_0] attention rule.
+- `masks`: `bd3_training_mask`, block diffusion's [x_t ; x_0] attention rule materialised.
 - `block`: BD3-LM's per-block times (`block_times`), two-stream inputs and per-token NELBO terms.
 
 Terms (mask id, alpha(t), weight, SUBS, block, ...) are those of the glossary in `dlmjax/__init__.py`: `t = 0` is

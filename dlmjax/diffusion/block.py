@@ -2,7 +2,7 @@
 
 The BD3-LM objective factorises `log p(x)` over blocks of `L'` tokens and trains all blocks in one pass:
 the model reads `[x_t ; x_0]` (2L slots, both halves at positions 0..L-1) under
-`dlmjax.diffusion.masks.bd3_allowed`, and only the `x_t` half is scored. Each (row, block) has its own
+`kernels_pallas.masks.Bd3Training`, and only the `x_t` half is scored. Each (row, block) has its own
 time `t`; BD3's log-linear schedule masks with probability `p = t` (no `1 - eps` factor) and weighs a
 masked slot by `1/t`. Block size 1 with `t = 1` is autoregression, block size L is MDLM.
 

@@ -12,13 +12,14 @@ A noisy block never sees another noisy block and clean queries never see noisy k
 depends only on its own noisy tokens and the clean prefix, as in the factorisation
 `log p(x) = sum_b log p(x^b | x^{<b})`.
 
-`bd3_allowed` is written with operators only (`//`, `>=`, `&`, ...), so the same rule runs on numpy
-arrays, jnp arrays and, later, scalar indices inside a Pallas kernel; `bd3_training_mask` materialises it
-(tests, small L). `dlmjax.models.attention.Bd3TrainingMask` is its hashable `MaskSpec`.
+The rule is defined once, as `kernels_pallas.masks.Bd3Training` (operators only, so it runs on numpy arrays, jnp
+arrays and index tiles inside a Pallas kernel); `bd3_training_mask` materialises it (tests, small L).
 """
 from __future__ import annotations
 
 import numpy as np
+
+from kernels_pallas.masks import Bd3Training
 
 
 def check_block_size(length: int, block_size: int, owner: str = "bd3_training_mask") -> None:
@@ -31,27 +32,6 @@ def check_block_size(length: int, block_size: int, owner: str = "bd3_training_ma
                          f"(blocks tile the sequence; e.g. block_size in 1, ..., length with length % block_size == 0)")
 
 
-def bd3_allowed(q_idx, kv_idx, length: int, block_size: int):
-    """The BD3-LM training rule M_BD | M_OBC | M_BC: True where query `q_idx` may attend to key `kv_idx`.
-
-    Args:
-      q_idx, kv_idx: integer indices in [0, 2 * length) (numpy or jnp arrays, or ints), broadcast together.
-      length: L, the length of each half.
-      block_size: L', a divisor of L.
-
-    Returns:
-      bool array of the broadcast shape.
-    """
-    q_clean, kv_clean = q_idx >= length, kv_idx >= length
-    # Position within the half; the bool times int keeps this one expression valid for numpy and jnp.
-    q_block = (q_idx - length * q_clean) // block_size
-    kv_block = (kv_idx - length * kv_clean) // block_size
-    block_diagonal = (q_block == kv_block) & (q_clean == kv_clean)
-    offset_block_causal = (q_block > kv_block) & kv_clean & (q_idx < length)  # not `~`: ints are indices too
-    block_causal = (q_block >= kv_block) & kv_clean & q_clean
-    return block_diagonal | offset_block_causal | block_causal
-
-
 def bd3_training_mask(length: int, block_size: int) -> np.ndarray:
     """bool[2L, 2L], True = may attend: the training mask for `[x_t ; x_0]` (rows are queries).
 
@@ -59,5 +39,4 @@ def bd3_training_mask(length: int, block_size: int) -> np.ndarray:
     `block_size` divides `length`.
     """
     check_block_size(length, block_size)
-    idx = np.arange(2 * length)
-    return np.asarray(bd3_allowed(idx[:, None], idx[None, :], length, block_size), dtype=bool)
+    return Bd3Training(length, block_size).dense(2 * length, 2 * length)

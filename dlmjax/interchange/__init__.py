@@ -328,7 +328,7 @@ def forward_logits(cfg: Config, params, input_ids, sigma=None) -> np.ndarray:
 
     from dlmjax.diffusion.block import two_stream_inputs  # noqa: PLC0415
     from dlmjax.errors import InputError  # noqa: PLC0415
-    from dlmjax.models.attention import Bd3TrainingMask, FullMask  # noqa: PLC0415
+    from dlmjax.models.attention import Bd3Training, Full  # noqa: PLC0415
     from dlmjax.models.transformer import build_model  # noqa: PLC0415
 
     ids = np.asarray(input_ids)
@@ -358,10 +358,10 @@ def forward_logits(cfg: Config, params, input_ids, sigma=None) -> np.ndarray:
             raise InputError(f"sigma must hold one value per row ([{b}]) or one scalar; got shape "
                              f"{list(np.shape(sigma))}")
         kwargs["sigma"] = jnp.asarray(s)
-    mask = FullMask()
+    mask = Full()
     if cfg.diffusion.objective == "bd3" and n % 2 == 0 and n // 2 in (cfg.data.seq_len, cfg.model.max_seq_len):
         half = n // 2
-        mask = Bd3TrainingMask(half, cfg.diffusion.block_size or half)
+        mask = Bd3Training(half, cfg.diffusion.block_size or half)
         _, kwargs["positions"], _ = two_stream_inputs(ids[:, :half], ids[:, half:], np.ones((b, half), bool))
     elif n > cfg.model.max_seq_len:
         raise InputError(f"input length {n} exceeds the model's context model.max_seq_len={cfg.model.max_seq_len}")

@@ -5,9 +5,9 @@ has the call signature of `Transformer` (tokens, positions=, key_mask=, dense_ma
 so that training objectives and samplers never name an architecture.
 """
 from dlmjax.config import ModelConfig
-from dlmjax.models.attention import Bd3TrainingMask, BlockCausalMask, CausalMask, FullMask, MaskSpec, attention
+from dlmjax.models.attention import Bd3Training, BlockCausal, Causal, Full, Mask, attention
 from dlmjax.models.transformer import Transformer, build_model, count_params, init_cache, init_params
 from dlmjax.models.dit import DiT  # after transformer, which it builds on
 
-__all__ = ["Bd3TrainingMask", "BlockCausalMask", "CausalMask", "DiT", "FullMask", "MaskSpec",
+__all__ = ["Bd3Training", "BlockCausal", "Causal", "DiT", "Full", "Mask",
            "ModelConfig", "Transformer", "attention", "build_model", "count_params", "init_cache", "init_params"]

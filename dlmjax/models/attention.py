@@ -1,84 +1,17 @@
 """Attention dispatch: one function, a small hashable mask description, several implementations.
 
-Masks are described, not materialised: each `MaskSpec` is a pure function of (query index, key index) that
-works on numpy and jnp index arrays alike, so the dense XLA path here and the Pallas kernels
-(`kernels_pallas`) evaluate the same rule. Key padding (`key_mask`) and an arbitrary dense mask are extra
+Masks are described, not materialised: each is a `kernels_pallas.masks.Mask` (`Full`, `Causal`, `BlockCausal`,
+`Bd3Training`), a pure function of (query index, key index) that works on numpy and jnp index arrays alike, so the
+dense XLA path here and the Pallas kernels evaluate the one rule, defined once there. Key padding (`key_mask`) and an arbitrary dense mask are extra
 arguments because they are data, not structure.
 """
 from __future__ import annotations
-
-import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dlmjax.diffusion.masks import bd3_allowed, check_block_size
-
-
-@dataclasses.dataclass(frozen=True)
-class MaskSpec:
-    """Base class: `allowed(q_idx, kv_idx) -> bool` (True = may attend), broadcasting over index arrays."""
-
-    def allowed(self, q_idx, kv_idx):  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def dense(self, q_len: int, kv_len: int, xp: Any = jnp):
-        """bool[q_len, kv_len]; only for small lengths (tests, the XLA fallback)."""
-        q = xp.arange(q_len)[:, None]
-        kv = xp.arange(kv_len)[None, :]
-        return xp.broadcast_to(self.allowed(q, kv), (q_len, kv_len))
-
-
-@dataclasses.dataclass(frozen=True)
-class FullMask(MaskSpec):
-    """Bidirectional attention over every key (LLaDA, MDLM, Dream)."""
-
-    def allowed(self, q_idx, kv_idx):
-        return (q_idx >= 0) & (kv_idx >= 0)
-
-
-@dataclasses.dataclass(frozen=True)
-class CausalMask(MaskSpec):
-    """Token i sees keys <= i (with an offset for queries that continue a cache)."""
-
-    offset: int = 0
-
-    def allowed(self, q_idx, kv_idx):
-        return kv_idx <= q_idx + self.offset
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockCausalMask(MaskSpec):
-    """Bidirectional inside a block of `block_size`, causal across blocks: q // B >= kv // B."""
-
-    block_size: int
-
-    def __post_init__(self):
-        if self.block_size <= 0:
-            raise ValueError(f"BlockCausalMask.block_size={self.block_size} must be > 0")
-
-    def allowed(self, q_idx, kv_idx):
-        return (q_idx // self.block_size) >= (kv_idx // self.block_size)
-
-
-@dataclasses.dataclass(frozen=True)
-class Bd3TrainingMask(MaskSpec):
-    """BD3-LM's training mask over `[x_t ; x_0]` (2 * length slots): M_BD | M_OBC | M_BC.
-
-    The rule lives in `dlmjax.diffusion.masks.bd3_allowed` (see there); this hashable spec lets the attention
-    dispatch (and a Pallas kernel) evaluate it from indices. Queries and keys index the 2L-slot input.
-    """
-
-    length: int
-    block_size: int
-
-    def __post_init__(self):
-        check_block_size(self.length, self.block_size, owner="Bd3TrainingMask")
-
-    def allowed(self, q_idx, kv_idx):
-        return bd3_allowed(q_idx, kv_idx, self.length, self.block_size)
+from kernels_pallas.masks import Bd3Training, BlockCausal, Causal, Full, Mask
 
 
 # "xla": dense einsum + softmax. "pallas": `kernels_pallas.block_attention` with impl "auto" (the Mosaic kernel on
@@ -92,7 +25,7 @@ def attention(
     k: jax.Array,
     v: jax.Array,
     *,
-    mask: MaskSpec = FullMask(),
+    mask: Mask = Full(),
     key_mask: jax.Array | None = None,
     dense_mask: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
@@ -113,12 +46,12 @@ def attention(
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl={impl!r} is not available; choose one of {ATTENTION_IMPLS}")
     if impl != "xla" and dense_mask is None:
-        import kernels_pallas  # noqa: PLC0415 (standalone package; only needed when asked for)
+        import kernels_pallas  # noqa: PLC0415 (its masks are imported above; the kernels only when asked for)
 
         interpret = impl == "pallas_interpret"
         if segment_ids is not None:
             return kernels_pallas.block_attention(
-                q, k, v, mask=kernels_pallas.as_mask(mask), segment_ids=segment_ids,
+                q, k, v, mask=mask, segment_ids=segment_ids,
                 key_mask=None if key_mask is None else key_mask.astype(bool),
                 impl="triton" if interpret else "auto", interpret=interpret or None)
         return kernels_pallas.attention_for_model(q, k, v, mask=mask, key_mask=key_mask,
@@ -178,7 +111,7 @@ def attend_with_cache(q, k, v, *, mask, key_mask, dense_mask, impl, cache_k=None
         allowed = allowed & jnp.concatenate([jnp.ones((b, slots), bool), key_mask], axis=1)[:, None, None, None, :]
     if dense_mask is not None:
         allowed = allowed & dense_mask[:, None, None]
-    if not isinstance(mask, FullMask):
+    if not isinstance(mask, Full):
         raise ValueError(f"a cached attention call takes its structure from dense_mask; mask={mask!r}")
     scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)

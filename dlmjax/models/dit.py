@@ -23,7 +23,7 @@ and softmax in float32, logits come out float32. One deliberate difference: rota
 off (mdlm/bd3lms `_process_sigma`, the BD3 HF backbone), so callers of a `time_conditioning=False` model pass nothing.
 Note that sigma = 0 does not switch the modulation off: c = SiLU(sigma_map(0)) comes from the biases.
 
-BD3-LM training (`DiT(cfg, Bd3TrainingMask(L, L'))` on `[x_t ; x_0]` with positions 0..L-1 on both halves) is
+BD3-LM training (`DiT(cfg, Bd3Training(L, L'))` on `[x_t ; x_0]` with positions 0..L-1 on both halves) is
 what the reference computes by rotating each half separately with the same table and masking with `block_diff_mask`.
 
 KV cache: the protocol of `Transformer` (see its module docstring): `init_cache`, K stored after RoPE, `update_cache`
@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from dlmjax.config import ConfigError, ModelConfig
-from dlmjax.models.attention import FullMask, MaskSpec, attend_with_cache
+from dlmjax.models.attention import Full, Mask, attend_with_cache
 from dlmjax.models.layers import DTYPES, Dense, apply_rotary, dense_init, rotary_tables
 from dlmjax.models.transformer import _check_cached_call, _write_cache
 
@@ -170,7 +170,7 @@ class DiTBlock(nn.Module):
     """`DDiTBlock`: adaLN-modulated pre-LN attention and GELU(tanh) MLP, each gated."""
 
     config: ModelConfig
-    mask: MaskSpec = FullMask()
+    mask: Mask = Full()
 
     @nn.compact
     def __call__(self, x, c, cos, sin, key_mask, dense_mask, cache_k=None, cache_v=None, segment_ids=None):
@@ -235,7 +235,7 @@ class DiT(nn.Module):
     """tokens int32 [B, L] (and sigma float[B]) -> logits float32 [B, L, V]; the `Transformer` call signature."""
 
     config: ModelConfig
-    mask: MaskSpec = FullMask()
+    mask: Mask = Full()
 
     @nn.compact
     def __call__(self, tokens, *, positions=None, key_mask=None, dense_mask=None, cache=None, update_cache=False,

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from dlmjax.config import ModelConfig
-from dlmjax.models.attention import FullMask, MaskSpec, attend_with_cache
+from dlmjax.models.attention import Full, Mask, attend_with_cache
 from dlmjax.models.layers import DTYPES, Dense, RMSNorm, apply_rotary, dense_init, rotary_tables
 
 BATCH_LENGTH_EMBED = ("batch", "length", "embed")
@@ -35,7 +35,7 @@ class Block(nn.Module):
     """Pre-norm block: x += attn(RMSNorm(x)); x += SwiGLU(RMSNorm(x))."""
 
     config: ModelConfig
-    mask: MaskSpec = FullMask()
+    mask: Mask = Full()
 
     @nn.compact
     def __call__(self, x, cos, sin, key_mask, dense_mask, cache_k=None, cache_v=None, segment_ids=None):
@@ -77,7 +77,7 @@ class Transformer(nn.Module):
     """tokens int32 [B, L] -> logits float32 [B, L, V]."""
 
     config: ModelConfig
-    mask: MaskSpec = FullMask()
+    mask: Mask = Full()
 
     @nn.compact
     def __call__(self, tokens, *, positions=None, key_mask=None, dense_mask=None, cache=None, update_cache=False,
@@ -186,7 +186,7 @@ def init_cache(config: ModelConfig, batch: int, length: int):
             "key_mask": jnp.zeros((batch, length), bool)}
 
 
-def _check_cached_call(mask: MaskSpec, config: ModelConfig, cache, positions, batch: int, length: int,
+def _check_cached_call(mask: Mask, config: ModelConfig, cache, positions, batch: int, length: int,
                        update_cache: bool) -> None:
     """Static checks of a cached call, so a mistake fails with a message instead of inside an einsum."""
     if cache is None:
@@ -194,7 +194,7 @@ def _check_cached_call(mask: MaskSpec, config: ModelConfig, cache, positions, ba
     if positions is None:
         raise ValueError("a cached call needs absolute `positions` [B, L] for the chunk (the cache holds "
                          "post-RoPE keys, so positions cannot default to 0..L-1)")
-    if not isinstance(mask, FullMask):
+    if not isinstance(mask, Full):
         raise ValueError(f"Transformer.mask={mask!r} applies to uncached calls only; with a cache pass the "
                          "structure inside the chunk as dense_mask")
     if not isinstance(cache, dict) or set(cache) != {"k", "v", "index", "key_mask"}:
@@ -224,7 +224,7 @@ def _write_cache(cache, chunk_k, chunk_v, key_mask):
     }
 
 
-def build_model(config: ModelConfig, mask: MaskSpec = FullMask()) -> nn.Module:
+def build_model(config: ModelConfig, mask: Mask = Full()) -> nn.Module:
     """The Flax module for `config.arch`: `Transformer` for llada/dream, `DiT` for dit (same call signature)."""
     if config.arch == "dit":
         from dlmjax.models.dit import DiT  # noqa: PLC0415 (dit imports this module)

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from dlmjax.errors import SettingsError
-from dlmjax.models.attention import BlockCausalMask
+from dlmjax.models.attention import BlockCausal
 from dlmjax.sampling.denoiser import Denoiser
 from dlmjax.sampling.layout import check_request, mask_like
 from dlmjax.sampling.proposals import step_keys
@@ -251,7 +251,7 @@ def generate_blocks(denoiser: Denoiser, params: Any, prompt: jax.Array, settings
             # Block-causal inside the prompt: exactly what BD3 training's clean half sees.
             _, cache = denoiser.forward_cached(
                 params, canvas[:, :prefill], positions=_positions(batch, 0, prefill), cache=cache,
-                dense_mask=BlockCausalMask(length).dense(prefill, prefill)[None], update_cache=True)
+                dense_mask=BlockCausal(length).dense(prefill, prefill)[None], update_cache=True)
             return cache
 
         # Padding past the longest prompt would otherwise cost a pass that no row reads.
@@ -292,7 +292,7 @@ def generate_blocks_uncached(denoiser: Denoiser, params: Any, prompt: jax.Array,
     canvas, lengths = _layout(denoiser, prompt, prompt_mask, settings)
     length = settings.block_length
     first_block = (jnp.min(lengths) // length).astype(jnp.int32)
-    block_causal = dataclasses.replace(denoiser, mask=BlockCausalMask(length))
+    block_causal = dataclasses.replace(denoiser, mask=BlockCausal(length))
 
     def block_logits(state, canvas, block, b):
         logits = block_causal(params, jax.lax.dynamic_update_slice(canvas, block, (jnp.int32(0), b * length)))

@@ -6,7 +6,7 @@ import dataclasses
 import jax
 
 from dlmjax.config import ModelConfig
-from dlmjax.models.attention import FullMask, MaskSpec
+from dlmjax.models.attention import Full, Mask
 from dlmjax.models.transformer import build_model, init_cache, padded_positions, shift_logits
 
 
@@ -26,7 +26,7 @@ class Denoiser:
     """
 
     config: ModelConfig
-    mask: MaskSpec = FullMask()
+    mask: Mask = Full()
 
     @property
     def lead(self) -> int:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from dlmjax.config import DiffusionConfig, ModelConfig
 from dlmjax.diffusion import block, forward, losses, schedules
-from dlmjax.models.attention import Bd3TrainingMask
+from dlmjax.models.attention import Bd3Training
 from dlmjax.models.transformer import build_model
 
 # BD3-LM's unbiased clipped schedule: the NELBO it reports.
@@ -46,7 +46,7 @@ def bd3_loss_terms(params, batch, t, u, *, model_cfg: ModelConfig, diff_cfg: Dif
     """The BD3-LM objective with its randomness given: AR, block diffusion and MDLM.
 
     Masks `x_t = mask_id` where `u <= t` (inclusive, as BD3) outside protected slots (padding, prompts), runs
-    the model once on `[x_t ; x_0]` under `Bd3TrainingMask(L, L')` with positions 0..L-1 on both halves and
+    the model once on `[x_t ; x_0]` under `Bd3Training(L, L')` with positions 0..L-1 on both halves and
     the padding key mask on both, and scores the `x_t` half: per token `-log p(x_0 | x_t) / t` at masked
     slots (SUBS: mask logit suppressed, carry-over 0 elsewhere; weight 1 when clip_min > 0.5).
 
@@ -73,7 +73,7 @@ def bd3_loss_terms(params, batch, t, u, *, model_cfg: ModelConfig, diff_cfg: Dif
         positions = jnp.tile(batch["positions"].astype(jnp.int32), (1, 2))
     if "segment_ids" in batch:  # blocks never straddle documents, so BD3's block rule composes with segments
         packing["segment_ids"] = jnp.tile(batch["segment_ids"], (1, 2))
-    model = build_model(model_cfg, Bd3TrainingMask(length, block_size))
+    model = build_model(model_cfg, Bd3Training(length, block_size))
     logits = model.apply({"params": params}, tokens, positions=positions, key_mask=key_mask,
                          **packing)[:, :length]
     scored = ~protect
