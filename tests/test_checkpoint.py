@@ -205,6 +205,28 @@ def test_load_falls_back_to_the_previous_step_and_changes_nothing_on_disk(tmp_pa
     assert _leaves_equal(params2, two_steps["s2"].params)
 
 
+def test_load_reads_only_the_params_so_a_copy_without_the_optimizer_state_loads(tmp_path, two_steps, monkeypatch):
+    """Step 4's state item is rewritten with the parameters alone (Adam's moments and the step counter gone): the
+    full train state no longer restores from it, `load` still returns the same parameters, from a relative path."""
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    run = two_steps["copy"](tmp_path / "run")
+    state_dir = run / "checkpoints" / "4" / "state"
+    shutil.rmtree(state_dir)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(state_dir, {"params": two_steps["s4"].params})
+        ckptr.wait_until_finished()
+    ckpt = Checkpointer(run / "checkpoints", read_only=True)
+    like = abstract_train_state(two_steps["cfg"].model, two_steps["tx"], two_steps["mesh"])[0]
+    with pytest.raises(Exception):  # the optimizer state is really gone: a resume could not read this step
+        ckpt.restore_state(4, like, two_steps["shardings"])
+    ckpt.close()
+    monkeypatch.chdir(tmp_path)
+    cfg, params = load("run")
+    assert cfg == two_steps["cfg"]
+    assert _leaves_equal(params, two_steps["s4"].params)
+
+
 def test_when_no_step_restores_the_error_lists_them_and_nothing_is_moved(tmp_path, two_steps):
     run = two_steps["copy"](tmp_path / "run")
     ck_dir = run / "checkpoints"
