@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from dlmjax.checkpoint.run import (Checkpointer, absolute, find_checkpoint_dir, restore_args, restore_pytree,
-                                   short_error, storage_errors)
+from dlmjax.checkpoint.run import (Checkpointer, absolute, find_checkpoint_dir, restore_pytree, short_error,
+                                   storage_errors)
 from dlmjax.config import Config, MeshConfig, config_from_dict
 from dlmjax.errors import CheckpointError, CheckpointRestoreError, InputError
 from dlmjax.models.specs import param_shardings
@@ -90,8 +90,7 @@ def _load_params_export(path: Path, mesh, dtype):
     cfg = config_from_dict(json.loads((path / CONFIG_FILE).read_text()))
     like, shardings, dtype = _target(cfg, mesh, dtype)
     try:
-        params = restore_pytree(path / PARAMS_ITEM, ocp.args.PyTreeRestore(
-            item=like, restore_args=restore_args(like, shardings, dtype)))
+        params = restore_pytree(path / PARAMS_ITEM, like, shardings, dtype)
     except Exception as e:  # noqa: BLE001 - one version only: nothing to fall back to
         raise CheckpointRestoreError(f"params export {path} could not be restored ({short_error(e)}); an export "
                                      f"has a single version, so there is nothing to fall back to") from e

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
@@ -186,24 +187,60 @@ def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-# Bytes orbax reads at once while restoring. Without a bound every array's read buffer is in flight at the same
-# time next to the arrays being filled (1.6x the parameter bytes at 24M parameters, bench/load_memory.py); with it
-# the transient memory is at most this much, whatever the model size.
-RESTORE_CONCURRENT_GB = 1
+# Parameters are restored a group of arrays at a time: orbax keeps a read buffer next to every array it fills, so
+# reading a whole tree at once peaks near 2x its bytes (bench/load_memory.py). A group holds at most this share of
+# the bytes (and at most MAX_GROUP_BYTES), or the largest single array.
+RESTORE_GROUP_FRACTION = 1 / 16
+MAX_GROUP_BYTES = 1 << 30
 
 
-def restore_pytree(directory: Path, args):
-    """Restore one orbax PyTree item (a step's state, a params export) with the read buffers bounded."""
-    handler = ocp.PyTreeCheckpointHandler(restore_concurrent_gb=RESTORE_CONCURRENT_GB)
-    with ocp.Checkpointer(handler) as checkpointer:
-        return checkpointer.restore(directory, args=args)
+def _groups(sizes: list[int], limit: int) -> list[list[int]]:
+    """Consecutive leaf indices packed into groups of at most `limit` bytes (a larger leaf is a group alone)."""
+    groups, current, total = [], [], 0
+    for i, size in enumerate(sizes):
+        if current and total + size > limit:
+            groups.append(current)
+            current, total = [], 0
+        current.append(i)
+        total += size
+    return groups + [current] if current else groups
 
 
-def restore_args(like, shardings, dtype=None):
-    """orbax `ArrayRestoreArgs` for each leaf of `like`: read into its sharding, cast to `dtype` (None: as saved)
-    while reading (TensorStore's cast driver, chunk by chunk), so no full copy in the saved dtype is made."""
-    return jax.tree.map(lambda x, s: ocp.ArrayRestoreArgs(sharding=s, global_shape=tuple(x.shape), dtype=dtype),
-                        like, shardings)
+def _nested(keys: tuple[str, ...], value, into: dict) -> dict:
+    node = into
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+    return into
+
+
+def restore_pytree(directory: Path, like, shardings, dtype=None, *, under: tuple[str, ...] = ()):
+    """Restore the arrays shaped like `like` (a tree of dicts) from the orbax PyTree item at `directory`, found at
+    `under` inside it, straight into `shardings`, cast to `dtype` while reading (TensorStore's cast driver, chunk
+    by chunk: no copy in the saved dtype is made). Read in groups (see RESTORE_GROUP_FRACTION); anything else in
+    the item (an optimizer state) is neither read nor allocated."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(like)
+    keys = [under + tuple(str(k.key) for k in path) for path, _ in leaves]
+    targets = treedef.flatten_up_to(shardings)
+    sizes = [x.size * jnp.dtype(dtype or x.dtype).itemsize for _, x in leaves]
+    limit = max(max(sizes, default=0), min(MAX_GROUP_BYTES, int(sum(sizes) * RESTORE_GROUP_FRACTION)))
+    out = [None] * len(leaves)
+    with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as checkpointer:
+        for group in _groups(sizes, limit):
+            item, args = {}, {}
+            for i in group:
+                x = leaves[i][1]
+                _nested(keys[i], x, item)
+                _nested(keys[i], ocp.ArrayRestoreArgs(sharding=targets[i], global_shape=tuple(x.shape), dtype=dtype),
+                        args)
+            restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(item=item, restore_args=args,
+                                                                                    partial_restore=True))
+            for i in group:
+                node = restored
+                for key in keys[i]:
+                    node = node[key]
+                out[i] = node
+    return treedef.unflatten(out)
 
 
 def _preservation_policy(cfg: CheckpointConfig):
@@ -306,14 +343,12 @@ class Checkpointer:
         """Only the `params` subtree of step `step`'s state (an orbax partial restore: the optimizer state is
         neither read nor allocated, and need not exist), shaped like `like_params`, into `shardings`, cast to
         `dtype` while reading (None: as saved)."""
-        args = ocp.args.PyTreeRestore(item={PARAMS_FIELD: like_params},
-                                      restore_args={PARAMS_FIELD: restore_args(like_params, shardings, dtype)},
-                                      partial_restore=True)
         if step not in self.steps():
             raise FileNotFoundError(errno.ENOENT, f"no committed checkpoint step {step} in {self.directory}",
                                     str(self.directory / str(step)))
-        # The step's state item read directly (the manager's default handler reads with no byte limit).
-        return restore_pytree(self.directory / str(step) / STATE_ITEM, args)[PARAMS_FIELD]
+        # The step's state item is read directly: the manager restores an item in one piece.
+        return restore_pytree(self.directory / str(step) / STATE_ITEM, like_params, shardings, dtype,
+                              under=(PARAMS_FIELD,))
 
     def restore_config(self, step: int | None = None) -> Config:
         step = self.latest_step() if step is None else step
