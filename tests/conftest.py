@@ -1,13 +1,15 @@
-"""Shared test fixtures: the tiny configs and model settings the test files would otherwise each rebuild.
+"""Shared test fixtures: the tiny configs, model settings and toy denoiser the test files would otherwise each rebuild.
 
 Plain module-level helpers (importable as `from conftest import ...`, pytest puts this folder on the path) for
 values, and pytest fixtures for things that cost time to build (trained runs, converted checkpoints).
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +38,41 @@ def tiny_model_config(**changes):
                   init_std=0.3)
     fields.update(changes)
     return ModelConfig(**fields)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextToy:
+    """A hashable toy denoiser whose prediction at each slot depends on the whole sequence (no model, no cache).
+
+    logits = tanh(E[token] + P[position] + mean of (E + P) over attended keys) @ W + b. Positions count attended
+    tokens only, so a left-padded row behaves like the unpadded prompt. Its parameters: `toy_params`.
+    """
+
+    def __call__(self, params, tokens, key_mask):
+        import jax.numpy as jnp
+
+        position = jnp.clip(jnp.cumsum(key_mask, axis=1) - 1, 0)
+        h = params["embed"][tokens] + params["pos"][position]  # [B, N, D]
+        weight = key_mask[..., None].astype(jnp.float32)
+        context = (h * weight).sum(1, keepdims=True) / jnp.maximum(weight.sum(1, keepdims=True), 1.0)
+        return jnp.tanh(h + context) @ params["out"] + params["bias"]  # [B, N, V]
+
+
+def toy_params(seed: int = 0, *, eos_bias: float = 0.0, vocab: int = 32, eos_id: int = 3, embed: int = 16,
+               max_len: int = 64):
+    """`ContextToy` parameters for a vocabulary of `vocab` logits (+1 embedding row: the mask id `vocab`)."""
+    import jax.numpy as jnp
+
+    # numpy draws: jax.random would compile a sampler per shape (and again under x64).
+    rng = np.random.default_rng(seed)
+    bias = np.zeros(vocab, np.float32)
+    bias[eos_id] = eos_bias
+    return {
+        "embed": jnp.asarray(rng.standard_normal((vocab + 1, embed)), jnp.float32),
+        "pos": jnp.asarray(rng.standard_normal((max_len, embed)), jnp.float32),
+        "out": jnp.asarray(0.6 * rng.standard_normal((embed, vocab)), jnp.float32),
+        "bias": jnp.asarray(bias),
+    }
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ import pytest
 import dlmjax
 from dlmjax.config import ModelConfig
 from dlmjax.interchange import import_hf
+from conftest import ContextToy, toy_params
 from dlmjax.models.transformer import init_params
 from dlmjax.sampling import Denoiser, SamplerSettings, dream_transfer_fractions, select_factor, select_threshold
 from dlmjax.sampling import generate_masked as generate
@@ -321,7 +322,5 @@ def test_generate_api_errors_name_the_problem(small):
     with pytest.raises(ValueError, match=r"prompt \(90 tokens\) \+ gen_length \(16\) = 106 exceeds the model's context model.max_seq_len=96"):
         dlmjax.generate(MODEL, small, [[1] * 90], settings_for())
     with pytest.raises(ValueError, match=r"cache=DualCache\(\) needs a model denoiser"):
-        from tests.test_sampling import TOY, make_params  # noqa: PLC0415
-
-        generate(TOY, make_params(), jnp.zeros((1, 2), jnp.int32),
+        generate(ContextToy(), toy_params(), jnp.zeros((1, 2), jnp.int32),
                  SamplerSettings.llada(gen_length=4, steps=4, mask_id=32, cache="dual"), jax.random.PRNGKey(0))

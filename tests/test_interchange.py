@@ -359,3 +359,38 @@ def test_denoiser_aligns_dream_logits_for_the_samplers():
 
 
 # LLaDA / Fast-dLLM / Dream generate parity on the imported golden checkpoints: tests/test_fast_sampler.py.
+
+
+def _digest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_weights_are_refused_at_import_and_nothing_is_written(tmp_path, capsys, bad):
+    hf = tmp_path / "hf"
+    shutil.copytree(GOLDEN / "tiny_llada", hf)
+    with safe_open(str(hf / "model.safetensors"), "np") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    name = sorted(k for k in tensors if tensors[k].dtype.kind == "f")[0]
+    tensors[name] = tensors[name].copy()
+    tensors[name].reshape(-1)[3] = bad
+    save_file(tensors, str(hf / "model.safetensors"))
+    before = _digest(hf)
+    out = tmp_path / "out"
+    assert main(["convert", "--from-hf", str(hf), "--arch", "llada", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert name in err and "non-finite" in err
+    assert not out.exists() or not any(out.iterdir())  # no partial checkpoint is left behind
+    assert _digest(hf) == before
+
+
+def test_convert_refuses_a_folder_that_is_not_empty_and_changes_nothing(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("a user's file\n")
+    before = _digest(out)
+    assert main(["convert", "--from-hf", str(GOLDEN / "tiny_llada"), "--arch", "llada", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "is a folder that is not empty" in err and "--out" in err
+    assert _digest(out) == before

@@ -20,7 +20,8 @@ from dlmjax.sampling import (
     step_keys,
     transfer_counts,
 )
-from dlmjax.sampling import DreamProposal, DreamSchedule, DualCache, SpecialTokens
+from conftest import ContextToy, toy_params
+from dlmjax.sampling import DreamProposal, DreamTransfer, DualCache, SpecialTokens
 from dlmjax.sampling import generate_masked as generate
 
 VOCAB = 32
@@ -30,36 +31,11 @@ EMBED = 16
 MAX_LEN = 64
 
 
-@dataclasses.dataclass(frozen=True)
-class ContextToy:
-    """A hashable toy denoiser whose prediction at each slot depends on the whole sequence.
-
-    logits = tanh(E[token] + P[position] + mean of (E + P) over attended keys) @ W + b. Positions
-    count attended tokens only, so a left-padded row behaves like the unpadded prompt.
-    """
-
-    def __call__(self, params, tokens, key_mask):
-        position = jnp.clip(jnp.cumsum(key_mask, axis=1) - 1, 0)
-        h = params["embed"][tokens] + params["pos"][position]  # [B, N, D]
-        weight = key_mask[..., None].astype(jnp.float32)
-        context = (h * weight).sum(1, keepdims=True) / jnp.maximum(weight.sum(1, keepdims=True), 1.0)
-        return jnp.tanh(h + context) @ params["out"] + params["bias"]  # [B, N, V]
-
-
 TOY = ContextToy()
 
 
 def make_params(seed: int = 0, eos_bias: float = 0.0):
-    # numpy draws: jax.random would compile a sampler per shape (and again under x64).
-    rng = np.random.default_rng(seed)
-    bias = np.zeros(VOCAB, np.float32)
-    bias[EOS_ID] = eos_bias
-    return {
-        "embed": jnp.asarray(rng.standard_normal((VOCAB + 1, EMBED)), jnp.float32),
-        "pos": jnp.asarray(rng.standard_normal((MAX_LEN, EMBED)), jnp.float32),
-        "out": jnp.asarray(0.6 * rng.standard_normal((EMBED, VOCAB)), jnp.float32),
-        "bias": jnp.asarray(bias),
-    }
+    return toy_params(seed, eos_bias=eos_bias, vocab=VOCAB, eos_id=EOS_ID, embed=EMBED, max_len=MAX_LEN)
 
 
 def make_prompt(batch: int, length: int, seed: int = 1) -> np.ndarray:
@@ -380,7 +356,7 @@ def test_settings_errors_name_the_field(kwargs, needle):
 @pytest.mark.parametrize("build, needle", [
     # Fast-dLLM's caches are defined for LLaDA's loop only.
     (lambda: SamplerSettings(gen_length=8, steps=8, tokens=SpecialTokens(mask_id=MASK_ID),
-                             rule=DreamSchedule(), proposal=DreamProposal(), cache=DualCache()),
+                             rule=DreamTransfer(), proposal=DreamProposal(), cache=DualCache()),
      "SamplerSettings.cache=DualCache()"),
     (lambda: SamplerSettings.dream(max_new_tokens=8, steps=8, alg="origin", alg_temp=0.5, mask_id=MASK_ID),
      "SamplerSettings.dream.alg_temp=0.5"),

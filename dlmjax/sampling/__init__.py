@@ -7,7 +7,7 @@
   uncached twin `generate_blocks_uncached`.
 - `settings`: `SamplerSettings` (core + proposal + commit rule + cache + guidance; `.llada(...)`, `.dream(...)`)
   and `BlockSamplerSettings` (`.bd3(...)`), static and validated.
-- `rules`: the commit rules (`CommitRule`: `TransferTable`, `Threshold`, `Factor`, `DreamSchedule`,
+- `rules`: the commit rules (`CommitRule`: `TransferTable`, `Threshold`, `Factor`, `DreamTransfer`,
   `DreamThreshold`, `DreamOrigin`) and the selections and step tables they use.
 - `proposals`: the token proposed at a slot and its score (`LladaProposal`, `DreamProposal`).
 - `cache`: where a step's block logits come from (`NoCache`, `PrefixCache`, `DualCache`).
@@ -30,7 +30,7 @@ from dlmjax.sampling.filters import filter_logits
 from dlmjax.sampling.guidance import Guidance
 from dlmjax.sampling.masked import generate_masked
 from dlmjax.sampling.proposals import DreamProposal, LladaProposal, step_keys
-from dlmjax.sampling.rules import (CommitRule, DreamOrigin, DreamSchedule, DreamThreshold, Factor, Threshold,
+from dlmjax.sampling.rules import (CommitRule, DreamOrigin, DreamTransfer, DreamThreshold, Factor, Threshold,
                                    TransferTable, dream_transfer_fractions, select_commits, select_factor,
                                    select_threshold, transfer_counts)
 from dlmjax.sampling.settings import BlockSamplerSettings, SamplerSettings
@@ -38,7 +38,7 @@ from dlmjax.sampling.tokens import SpecialTokens
 
 __all__ = [
     "BLOCK_CONFIDENCES", "BlockSamplerSettings", "CacheKind", "CommitRule", "Confidence", "ConfidenceDtype",
-    "Denoiser", "DreamAlg", "DreamOrigin", "DreamProposal", "DreamSchedule", "DreamThreshold", "DualCache", "Factor",
+    "Denoiser", "DreamAlg", "DreamOrigin", "DreamProposal", "DreamTransfer", "DreamThreshold", "DualCache", "Factor",
     "Generation", "Guidance", "LladaProposal", "NoCache", "PrefixCache", "SamplerSettings", "SpecialTokens",
     "Threshold", "TransferTable", "bucket_width", "check_token_rows", "filter_logits", "generate", "generate_blocks",
     "generate_blocks_uncached", "generate_masked", "dream_transfer_fractions", "select_commits", "select_factor",

@@ -12,7 +12,7 @@ step budget `S` (static), which the settings own and pass in:
 `scores` are -inf at slots that may not be committed (clean, or outside the block). A new rule is one class here.
 
 Fixed-count rules commit a number of slots per step that does not depend on the scores (`TransferTable`,
-`DreamSchedule`, `DreamOrigin`); the parallel rules commit every slot that is confident enough, at least one
+`DreamTransfer`, `DreamOrigin`); the parallel rules commit every slot that is confident enough, at least one
 per step (`Threshold`, `Factor`, `DreamThreshold`). Ties in confidence go to the lower slot index (a stable
 sort; `torch.topk` leaves them unspecified).
 """
@@ -205,7 +205,7 @@ class Factor(UntilFilled):
 
 
 @dataclasses.dataclass(frozen=True)
-class DreamSchedule:
+class DreamTransfer:
     """Dream's `maskgit_plus` / `topk_margin` / `entropy` schedule: step `i` of `S` commits `int(n * (1 - s/t))`
     of the `n` masked slots (`dream_transfer_fractions`), all of them at the last step; `alg_temp > 0` draws
     which ones from `softmax(confidence / alg_temp)` instead of taking the best."""
@@ -214,8 +214,8 @@ class DreamSchedule:
     alg_temp: float = 0.0
 
     def __post_init__(self):
-        check.open_unit("DreamSchedule", "eps", self.eps)
-        check.nonnegative_real("DreamSchedule", "alg_temp", self.alg_temp, off="0 takes the top k")
+        check.open_unit("DreamTransfer", "eps", self.eps)
+        check.nonnegative_real("DreamTransfer", "alg_temp", self.alg_temp, off="0 takes the top k")
 
     def init(self, n_masked, steps):
         return None
@@ -301,6 +301,6 @@ class DreamThreshold:
         return steps + block_length
 
 
-__all__ = ["CommitRule", "DreamOrigin", "DreamSchedule", "DreamThreshold", "DreamThresholdState", "Factor",
+__all__ = ["CommitRule", "DreamOrigin", "DreamTransfer", "DreamThreshold", "DreamThresholdState", "Factor",
            "TableState", "Threshold", "TransferTable", "dream_transfer_fractions", "ranks", "select_commits",
            "select_factor", "select_sampled", "select_threshold", "transfer_counts"]

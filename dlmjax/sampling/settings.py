@@ -20,7 +20,7 @@ from dlmjax.sampling.cache import CacheMode, DualCache, NoCache, PrefixCache
 from dlmjax.sampling.choices import BLOCK_CONFIDENCES, CacheKind, Confidence, DreamAlg, parse_choice
 from dlmjax.sampling.guidance import Guidance
 from dlmjax.sampling.proposals import DreamProposal, LladaProposal, Proposal
-from dlmjax.sampling.rules import (CommitRule, DreamOrigin, DreamSchedule, DreamThreshold, Factor, Threshold,
+from dlmjax.sampling.rules import (CommitRule, DreamOrigin, DreamTransfer, DreamThreshold, Factor, Threshold,
                                    TransferTable)
 from dlmjax.sampling.tokens import SpecialTokens
 
@@ -65,7 +65,7 @@ class SamplerSettings:
       tokens: The model's special token ids (mask; EOS/EoT/pad for the flags that use them).
       proposal: What a step proposes at each slot and the confidence that ranks the slots (`LladaProposal`,
         `DreamProposal`).
-      rule: Which slots a step commits (`TransferTable`, `Threshold`, `Factor`, `DreamSchedule`, `DreamThreshold`,
+      rule: Which slots a step commits (`TransferTable`, `Threshold`, `Factor`, `DreamTransfer`, `DreamThreshold`,
         `DreamOrigin`, or any object with the `CommitRule` methods).
       cache: Where a step's block logits come from (`NoCache`, `PrefixCache`, `DualCache`).
       guidance: Classifier-free guidance (`Guidance(cfg_scale)`; 0 is off).
@@ -180,7 +180,7 @@ class SamplerSettings:
         elif alg == DreamAlg.CONFIDENCE_THRESHOLD:
             rule = DreamThreshold(0.9 if threshold is None else threshold)
         else:
-            rule = DreamSchedule(eps=eps, alg_temp=alg_temp or 0.0)
+            rule = DreamTransfer(eps=eps, alg_temp=alg_temp or 0.0)
         proposal = DreamProposal(temperature=temperature, top_k=top_k, top_p=top_p,
                                  confidence=confidences.get(alg, Confidence.LOW_CONFIDENCE),
                                  logits_eos_inf=logits_eos_inf)
