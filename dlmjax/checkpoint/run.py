@@ -121,7 +121,7 @@ def _storage_failure_in(err: BaseException | None) -> bool:
 
 class _DropStorageFailureTracebacks(logging.Filter):
     """orbax logs a refused background write with its full traceback once per thread it passes through (three or
-    four times) before `wait` / `close` raises it; `Checkpointer` raises it then as one `CheckpointError` that
+    four times), and asyncio may report its future as never retrieved, before `wait` / `close` raises it; `Checkpointer` raises it then as one `CheckpointError` that
     chains the original, so these records only repeat it. Any other record passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -155,7 +155,8 @@ def _quiet_failed_writes() -> None:
     if _quieted:
         return
     _quieted = True
-    logging.getLogger("absl").addFilter(_DropStorageFailureTracebacks())
+    for name in ("absl", "asyncio"):  # orbax's own log, and asyncio's "Future exception was never retrieved"
+        logging.getLogger(name).addFilter(_DropStorageFailureTracebacks())
     previous = sys.unraisablehook
 
     def hook(unraisable):
