@@ -307,7 +307,12 @@ class SampleConfig:
     block_length: int | None = None  # masked sampler: null is one block (= gen_length); bd3: diffusion.block_size
     steps_per_block: int | None = None  # bd3 block sampler: null is one commit per step (= block length)
     remasking: str = "low_confidence"
-    temperature: float = 0.0
+    # Proposal defaults; null is the reference's own default for the sampler in use: LLaDA, Fast-dLLM and BD3-LM
+    # decode greedily with no filter, Dream (as released, without a generation config) at temperature 1.0 with
+    # top-k 50. `dlmjax convert` fills them from a release's generation_config.json when it sets them.
+    temperature: float | None = None
+    top_k: int | None = None  # 0 turns the filter off
+    top_p: float | None = None  # 1.0 turns the filter off
     batch_size: int = 250
 
     def __post_init__(self):
@@ -319,8 +324,21 @@ class SampleConfig:
             if value is not None and value < 1:
                 raise ConfigError(f"sample.{name}={value!r} is not allowed; use an int >= 1, or leave it out "
                                   f"(null) for the default", field=f"sample.{name}")
-        _check_positive("sample", "temperature", self.temperature, allow_zero=True)
+        if self.temperature is not None:
+            _check_positive("sample", "temperature", self.temperature, allow_zero=True)
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 0):
+            raise ConfigError(f"sample.top_k={self.top_k!r} is not allowed; use an int >= 0 (0 turns it off), or "
+                              f"leave it out (null) for the sampler's default", field="sample.top_k")
+        if self.top_p is not None and not (isinstance(self.top_p, (int, float)) and not isinstance(self.top_p, bool)
+                                           and 0 < self.top_p <= 1):
+            raise ConfigError(f"sample.top_p={self.top_p!r} is not allowed; use a number in (0, 1] (1 turns it "
+                              f"off), or leave it out (null) for the sampler's default", field="sample.top_p")
         _check_positive("sample", "batch_size", self.batch_size)
+
+    def proposal_defaults(self) -> dict:
+        """The proposal fields this config sets (temperature, top_k, top_p), for the settings constructors."""
+        return {k: getattr(self, k) for k in ("temperature", "top_k", "top_p") if getattr(self, k) is not None}
 
 
 MESH_AXES = ("data", "fsdp", "tensor")

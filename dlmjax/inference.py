@@ -144,7 +144,8 @@ def sampler_settings(cfg: Config, tokens: SpecialTokens, prompt_len: int,
     given = request.given()
     s = cfg.sample
     gen = given.get("gen_length", s.gen_length or (cfg.data.seq_len - prompt_len))
-    temperature = given.get("temperature", s.temperature)
+    # The proposal: the user's flags, else the run's `sample.*`, else the sampler's reference default.
+    proposal = {**s.proposal_defaults(), **{k: given[k] for k in ("temperature", "top_k", "top_p") if k in given}}
     if gen <= 0:
         field = "gen_length" if "gen_length" in given else None
         raise SettingsError(f"the prompt ({prompt_len} tokens) fills the training row (data.seq_len="
@@ -172,15 +173,14 @@ def sampler_settings(cfg: Config, tokens: SpecialTokens, prompt_len: int,
         return BlockSamplerSettings.bd3(
             max_length=max_length, block_length=block,
             steps_per_block=given.get("steps_per_block", s.steps_per_block), remasking=remasking,
-            temperature=temperature, top_k=given.get("top_k", 0), top_p=given.get("top_p", 1.0), tokens=tokens)
+            tokens=tokens, **proposal)
     if "steps_per_block" in given:
         raise SettingsError("--steps-per-block is the block sampler's (diffusion.objective=bd3 runs); the masked "
                             "sampler takes --steps over all blocks", field="steps_per_block")
     steps = given.get("steps", s.steps or gen)
     block = given.get("block_length", s.block_length or gen)
-    common = dict(block_length=block, temperature=temperature, top_k=given.get("top_k", 0),
-                  top_p=given.get("top_p", 1.0), cfg_scale=given.get("cfg_scale", 0.0),
-                  stop_at_eos=given.get("stop_at_eos", False), tokens=tokens)
+    common = dict(block_length=block, cfg_scale=given.get("cfg_scale", 0.0),
+                  stop_at_eos=given.get("stop_at_eos", False), tokens=tokens, **proposal)
     if "alg" in given:
         clash = [k for k in ("cache", "factor", "remasking") if k in given and given[k] != CacheKind.NONE]
         if clash:

@@ -341,7 +341,8 @@ def test_errors_name_the_problem():
         generate_blocks(CFG, PARAMS, np.zeros((1, 6), np.int32), dataclasses.replace(settings, cache_length=11),
                         jax.random.key(0))
     with pytest.raises(ValueError, match="mask_id=40 is not a token of the model"):
-        generate_blocks(CFG, PARAMS, np.zeros((1, 6), np.int32), dataclasses.replace(settings, tokens=SpecialTokens(mask_id=40)),
+        generate_blocks(CFG, PARAMS, np.zeros((1, 6), np.int32),
+                        dataclasses.replace(settings, tokens=SpecialTokens(mask_id=40)),
                         jax.random.key(0))
     with pytest.raises(ValueError, match=r"prompt_mask must have the prompt's shape \[1, 6\]"):
         generate_blocks(CFG, PARAMS, np.zeros((1, 6), np.int32), settings, jax.random.key(0),

@@ -121,8 +121,9 @@ def _storage_failure_in(err: BaseException | None) -> bool:
 
 class _DropStorageFailureTracebacks(logging.Filter):
     """orbax logs a refused background write with its full traceback once per thread it passes through (three or
-    four times), and asyncio may report its future as never retrieved, before `wait` / `close` raises it; `Checkpointer` raises it then as one `CheckpointError` that
-    chains the original, so these records only repeat it. Any other record passes."""
+    four times), and asyncio may report its future as never retrieved, before `wait` / `close` raises it;
+    `Checkpointer` raises it then as one `CheckpointError` that chains the original, so these records only repeat
+    it. Any other record passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.exc_info and _storage_failure_in(record.exc_info[1]))

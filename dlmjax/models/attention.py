@@ -2,8 +2,8 @@
 
 Masks are described, not materialised: each is a `kernels_pallas.masks.Mask` (`Full`, `Causal`, `BlockCausal`,
 `Bd3Training`), a pure function of (query index, key index) that works on numpy and jnp index arrays alike, so the
-dense XLA path here and the Pallas kernels evaluate the one rule, defined once there. Key padding (`key_mask`) and an arbitrary dense mask are extra
-arguments because they are data, not structure.
+dense XLA path here and the Pallas kernels evaluate the one rule, defined once there. Key padding (`key_mask`) and
+an arbitrary dense mask are extra arguments because they are data, not structure.
 """
 from __future__ import annotations
 

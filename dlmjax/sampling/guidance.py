@@ -11,9 +11,10 @@ from dlmjax.sampling import validation as check
 
 @dataclasses.dataclass(frozen=True)
 class Guidance:
-    """Guidance weight `w = cfg_scale` (0 turns it off). With `w > 0` the logits are `u + (w + 1) * (c - u)`, where `c` are the
-    conditional logits and `u` those of a copy whose given slots (prompt and suffix: every slot that was not [MASK]
-    when sampling began, as LLaDA's `prompt_index`) hold the mask id. Both come from one forward over `[2B, ...]`.
+    """Guidance weight `w = cfg_scale` (0 turns it off). With `w > 0` the logits are `u + (w + 1) * (c - u)`,
+    where `c` are the conditional logits and `u` those of a copy whose given slots (prompt and suffix: every slot
+    that was not [MASK] when sampling began, as LLaDA's `prompt_index`) hold the mask id. Both come from one
+    forward over `[2B, ...]`.
     """
 
     cfg_scale: float = 0.0

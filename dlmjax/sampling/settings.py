@@ -158,14 +158,20 @@ class SamplerSettings:
 
     @classmethod
     def dream(cls, *, max_new_tokens: int, steps: int, alg: str = DreamAlg.ORIGIN, alg_temp: float | None = None,
-              threshold: float | None = None, eps: float = 1e-3, temperature: float = 0.0, top_k: int = 0,
+              threshold: float | None = None, eps: float = 1e-3, temperature: float = 1.0, top_k: int = 50,
               top_p: float = 1.0, block_length: int | None = None, cfg_scale: float = 0.0,
               logits_eos_inf: bool = False, stop_at_eos: bool = False, tokens: SpecialTokens | None = None,
               mask_id: int | None = None, eos_id: int | None = None, eot_id: int | None = None,
               pad_id: int | None = None) -> "SamplerSettings":
         """Settings in Dream's `diffusion_generate` terms: `alg` in origin, maskgit_plus, topk_margin, entropy,
         confidence_threshold (Fast-dLLM's addition; default threshold 0.9 as there). `alg_temp` (maskgit_plus,
-        topk_margin, entropy) draws the committed slots from `softmax(confidence / alg_temp)`."""
+        topk_margin, entropy) draws the committed slots from `softmax(confidence / alg_temp)`.
+
+        The proposal defaults are the reference's as released: `diffusion_generate` called without a generation
+        config builds one from the model config, which carries the old generation defaults `temperature=1.0`,
+        `top_k=50`, `top_p=1.0`; so even a greedy call (`temperature=0`) ranks slots by confidences computed over the
+        50 most likely tokens only. A release's `generation_config.json` may set others (`dlmjax convert` reads
+        it); `top_k=0` turns the filter off."""
         owner = "SamplerSettings.dream"
         alg = parse_choice(DreamAlg, alg, owner=owner, field="alg")
         confidences = {DreamAlg.TOPK_MARGIN: Confidence.MARGIN, DreamAlg.ENTROPY: Confidence.ENTROPY}
