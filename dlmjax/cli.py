@@ -2,7 +2,9 @@
 
     dlmjax train --config configs/demo.yaml [--workdir DIR] [section.key=value ...]
     dlmjax plan --config configs/llada_8b.yaml [--devices 256] [--platform tpu|gpu|cpu] [section.key=value ...]
-    dlmjax sample --checkpoint DIR --prompt TEXT [--gen-length N --steps S ...]
+    dlmjax plan --sample --config C | --checkpoint CKPT [--mesh fsdp=8,tensor=1] [--batch B --length N --dtype D]
+    dlmjax sample --checkpoint DIR --prompt TEXT [--chat [--system S]] [--stop STR ...] [--gen-length N ...]
+    dlmjax chat --checkpoint DIR [--system S] [sampler flags as for sample]
     dlmjax pack --config C --out STORE [section.key=value ...]     (then train with data.kind=packed data.path=STORE)
     dlmjax eval --checkpoint DIR [section.key=value ...]
     dlmjax convert --from-hf HF_DIR --arch llada|dream|mdlm|bd3lm --out CKPT
@@ -19,12 +21,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
 from dlmjax.errors import DlmjaxError
 
 USER_ERROR_STATUS = 2
+# Commands whose peak host memory is a checkpoint being read or written (see `dlmjax.hostmem`).
+CHECKPOINT_COMMANDS = ("convert", "sample", "chat", "forward", "eval")
 
 
 def _log(message: str) -> None:
@@ -44,12 +49,30 @@ def cmd_train(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from dlmjax.config import load_config
+    from dlmjax.config import apply_overrides, load_config
+
+    if args.checkpoint is not None:
+        from dlmjax.checkpoint import read_config
+
+        cfg = apply_overrides(read_config(args.checkpoint), args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    devices = args.devices or 8
+    if args.mesh is not None:
+        cfg = dataclasses.replace(cfg, mesh=_mesh_config(args.mesh, cfg.mesh.rules))
+        devices = args.devices or math.prod(args.mesh.values())
+    hbm = None if args.hbm_gib is None else int(args.hbm_gib * 2 ** 30)
+    if args.sample:
+        from dlmjax.sampling.plan import format_sample_plan, make_sample_plan
+
+        plan = make_sample_plan(cfg, devices, args.platform, hbm, batch=args.batch or 1, length=args.length,
+                                dtype=args.dtype, cache=args.cache, guidance=args.guidance,
+                                block_length=args.block_length)
+        print(format_sample_plan(plan, cfg, args.platform))
+        return 0
     from dlmjax.train.plan import format_plan, make_plan
 
-    cfg = load_config(args.config, args.overrides)
-    hbm = None if args.hbm_gib is None else int(args.hbm_gib * 2 ** 30)
-    print(format_plan(make_plan(cfg, args.devices, args.platform, hbm), cfg, args.platform))
+    print(format_plan(make_plan(cfg, devices, args.platform, hbm), cfg, args.platform))
     return 0
 
 
@@ -72,24 +95,58 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from dlmjax.inference import SampleRequest, open_run, sample_rows
+    from dlmjax.inference import sample_rows
+    from dlmjax.text import conversation
 
-    run = open_run(args.checkpoint)
-    rows = _parse_ids(args.prompt_ids) if args.prompt_ids is not None else [run.encode(args.prompt)]
-    request = SampleRequest(
-        gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
-        steps_per_block=args.steps_per_block, remasking=args.remasking, temperature=args.temperature,
-        cfg_scale=args.cfg_scale, cache=args.cache, threshold=args.threshold, factor=args.factor, alg=args.alg,
-        alg_temp=args.alg_temp, top_p=args.top_p, top_k=args.top_k, stop_at_eos=args.stop_at_eos or None)
-    out, nfe = sample_rows(run, rows, request, seed=args.seed)
+    run = _open_run(args)
+    if args.prompt_ids is not None:
+        rows = _parse_ids(args.prompt_ids)
+    elif args.chat:
+        rows = [run.encode_chat(conversation(args.prompt, args.system))]
+    else:
+        rows = [run.encode(args.prompt)]
+    out, nfe = sample_rows(run, rows, _request(args), seed=args.seed)
+    texts = ([run.generated_text(row[len(prompt):], args.stop) for row, prompt in zip(out, rows)]
+             if run.text is not None else None)
     if args.json:
-        print(json.dumps({"tokens": out, "nfe": nfe}))
-    elif args.prompt is not None:
-        print(run.decode(out[0][len(rows[0]):]))
+        print(json.dumps({"tokens": out, **({"text": texts} if texts is not None else {}), "nfe": nfe}))
+    elif texts is not None:
+        for text in texts:
+            print(text)
     else:
         for row in out:
             print(row)
     return 0
+
+
+def cmd_chat(args) -> int:
+    from dlmjax.chat import chat_loop
+
+    chat_loop(_open_run(args), _request(args), system=args.system, stop=args.stop, seed=args.seed)
+    return 0
+
+
+def _open_run(args):
+    """The checkpoint of `sample` / `chat`, on the `--mesh` (default one device) in the `--dtype` given."""
+    from dlmjax.inference import open_run
+
+    mesh = None
+    if args.mesh is not None:
+        from dlmjax.sharding import make_mesh
+
+        mesh = make_mesh(_mesh_config(args.mesh))
+    return open_run(args.checkpoint, mesh=mesh, dtype=args.dtype, attention=args.attention)
+
+
+def _request(args):
+    """The sampler flags of `sample` and `chat` as a `SampleRequest` (unset flags keep the run's defaults)."""
+    from dlmjax.inference import SampleRequest
+
+    return SampleRequest(
+        gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
+        steps_per_block=args.steps_per_block, remasking=args.remasking, temperature=args.temperature,
+        cfg_scale=args.cfg_scale, cache=args.cache, threshold=args.threshold, factor=args.factor, alg=args.alg,
+        alg_temp=args.alg_temp, top_p=args.top_p, top_k=args.top_k, stop_at_eos=args.stop_at_eos or None)
 
 
 def _parse_ids(text: str) -> list[list[int]]:
@@ -154,6 +211,55 @@ def _real(low: float, high: float | None = None, *, low_open: bool = False, what
     return parse
 
 
+MODEL_DTYPES = ("bfloat16", "float32")  # what `model.dtype` / `model.param_dtype` take
+
+
+def _model_dtype(text: str) -> str:
+    if text not in MODEL_DTYPES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; the model runs in a floating dtype: "
+                                         f"{' or '.join(MODEL_DTYPES)}")
+    return text
+
+
+def _mesh_sizes(text: str) -> dict[str, int]:
+    """`fsdp=8,tensor=1` -> {"data": 1, "fsdp": 8, "tensor": 1} (unnamed axes 1; one size may be -1: the rest)."""
+    from dlmjax.config import MESH_AXES
+
+    example = "e.g. fsdp=8,tensor=1"
+    sizes = {}
+    for item in text.split(","):
+        axis, eq, value = item.strip().partition("=")
+        if not eq:
+            raise argparse.ArgumentTypeError(f"{text!r}: {item.strip()!r} is not axis=size; give sizes such as "
+                                             f"{example} (axes {', '.join(MESH_AXES)})")
+        if axis not in MESH_AXES:
+            raise argparse.ArgumentTypeError(f"{text!r}: unknown mesh axis {axis!r}; the axes are "
+                                             f"{', '.join(MESH_AXES)} ({example})")
+        if axis in sizes:
+            raise argparse.ArgumentTypeError(f"{text!r}: axis {axis!r} is given twice")
+        try:
+            size = int(value)
+        except ValueError:
+            size = 0
+        if size < 1 and size != -1:
+            raise argparse.ArgumentTypeError(f"{text!r}: {axis}={value!r} is not allowed; a size is an integer >= 1 "
+                                             "(or -1 for the remaining devices, on one axis)")
+        sizes[axis] = size
+    if list(sizes.values()).count(-1) > 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: at most one axis may be -1")
+    return {axis: sizes.get(axis, 1) for axis in MESH_AXES}
+
+
+def _mesh_config(sizes: dict[str, int], rules=None):
+    from dlmjax.config import MeshConfig
+
+    return MeshConfig(**sizes) if rules is None else MeshConfig(**sizes, rules=rules)
+
+
+def _mesh_text(sizes: dict[str, int]) -> str:
+    return ",".join(f"{axis}={n}" for axis, n in sizes.items())
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line (no usage block) with status 2, like every other user error."""
 
@@ -162,8 +268,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dlmjax.sampling.choices import CacheKind, Confidence, DreamAlg
-
     p = _Parser(prog="dlmjax", description="Diffusion language models in JAX.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     positive = _int_at_least(1)
@@ -176,8 +280,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="bytes per device of a run on N (fake) devices: parameters, optimizer "
                         "state, activations; a table and one JSON line, nothing allocated")
-    pl.add_argument("--config", required=True, help="YAML file under configs/")
-    pl.add_argument("--devices", type=positive, default=8, help="number of devices of the mesh (default 8)")
+    source = pl.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="YAML file under configs/")
+    source.add_argument("--checkpoint", help="a checkpoint's config instead (a converted release or a run)")
+    pl.add_argument("--devices", type=positive, help="number of devices of the mesh (default 8, or the product "
+                    "of --mesh)")
+    pl.add_argument("--mesh", type=_mesh_sizes, help="mesh sizes data=D,fsdp=F,tensor=T (unnamed axes are 1), "
+                    "replacing mesh.data/fsdp/tensor")
+    pl.add_argument("--sample", action="store_true", help="the memory of sampling instead of training: "
+                    "parameters in --dtype, the sampler's KV cache, the largest forward's transients")
+    pl.add_argument("--batch", type=positive, help="--sample: rows sampled at once (default 1)")
+    pl.add_argument("--length", type=positive, help="--sample: slots per row, prompt + generation (default "
+                    "data.seq_len)")
+    pl.add_argument("--dtype", type=_model_dtype, help="--sample: the dtype the model runs in, as `dlmjax sample "
+                    "--dtype` (parameters, activations, KV cache; default: the config's)")
+    pl.add_argument("--cache", choices=["none", "prefix", "dual"], help="--sample, masked sampler: its KV cache "
+                    "(default dual; prefix holds as much)")
+    pl.add_argument("--guidance", action="store_true", help="--sample, masked sampler: classifier-free guidance "
+                    "(doubles the rows)")
+    pl.add_argument("--block-length", type=positive, help="--sample, block sampler (bd3 runs): the block size "
+                    "(default: sample.block_length, else diffusion.block_size)")
     pl.add_argument("--platform", choices=["tpu", "gpu", "cpu"], default="tpu",
                     help="sets the memory budget per device: tpu 16 GiB (v5e), gpu 80 GiB (H100), cpu none")
     pl.add_argument("--hbm-gib", type=_real(0.0, low_open=True, what="a number of GiB > 0"),
@@ -196,37 +318,25 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="generate from a checkpoint with the jitted sampler")
     s.add_argument("--checkpoint", required=True, help="a training workdir, its checkpoints/ folder, or an export")
     prompt = s.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="text prompt, encoded with the run's own tokenizer (BOS first)")
+    prompt.add_argument("--prompt", help="text prompt, encoded with the checkpoint's own tokenizer (a run trained "
+                        "here: BOS first, as its training rows; a converted release: as its reference scripts do)")
     prompt.add_argument("--prompt-ids", help="token ids: 1,2,3 or rows 1,2,3;4,5,6")
-    s.add_argument("--gen-length", type=positive, help="generated slots (default: the rest of a training row)")
-    s.add_argument("--steps", type=positive, help="masked sampler: denoising steps over all blocks")
-    s.add_argument("--block-length", type=positive,
-                   help="masked sampler: semi-AR block; block sampler (bd3 runs): block size (default: trained)")
-    s.add_argument("--steps-per-block", type=positive, help="block sampler: denoising steps per block")
-    s.add_argument("--remasking", choices=[str(c) for c in Confidence])
-    s.add_argument("--temperature", type=_real(0.0, what="a number >= 0 (0 is greedy)"))
-    s.add_argument("--cfg-scale", type=_real(0.0, what="a number >= 0 (0 is off)"),
-                   help="classifier-free guidance weight (masked sampler)")
-    s.add_argument("--cache", choices=[str(c) for c in CacheKind],
-                   help="masked sampler: Fast-dLLM KV cache (default none)")
-    s.add_argument("--threshold", type=_real(0.0, 1.0, low_open=True, what="a number in (0, 1]"),
-                   help="parallel decoding: commit slots with confidence >= X (Fast-dLLM; with --alg "
-                   "confidence_threshold, Dream's rule)")
-    s.add_argument("--factor", type=_real(0.0, low_open=True, what="a number > 0"),
-                   help="parallel decoding: Fast-dLLM's factor rule")
-    s.add_argument("--alg", choices=[str(a) for a in DreamAlg],
-                   help="Dream's diffusion_generate algorithm (one block over the generation by default)")
-    s.add_argument("--alg-temp", type=_real(0.0, what="a number >= 0"),
-                   help="Dream: sample committed slots (alg temperature)")
-    s.add_argument("--top-p", type=_real(0.0, 1.0, low_open=True, what="a number in (0, 1] (1 is off)"),
-                   help="nucleus filtering of each proposal")
-    s.add_argument("--top-k", type=_int_at_least(0), help="top-k filtering of each proposal (0 is off)")
-    s.add_argument("--stop-at-eos", action="store_true", help="masked sampler: a row stops after the block "
-                   "in which it generated EOS (later slots hold the pad id)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--json", action="store_true", help='print {"tokens": [[...]], "nfe": N}: prompt + generation '
-                   "per row")
+    _add_sampler_flags(s)
+    s.add_argument("--chat", action="store_true", help="wrap --prompt in the checkpoint's chat template (a user "
+                   "turn, then the assistant's header), as the release's chat script does")
+    s.add_argument("--system", help="with --chat: a system message before the user's turn")
+    _add_load_flags(s)
+    s.add_argument("--json", action="store_true", help='print {"tokens": [[prompt + generation ids]], "text": '
+                   '["generated text"], "nfe": N} ("text" when the checkpoint has a tokenizer)')
     s.set_defaults(fn=cmd_sample)
+
+    ch = sub.add_parser("chat", help="talk with a checkpoint through its chat template (an interactive loop that "
+                        "keeps the conversation and shows each block as it is committed)")
+    ch.add_argument("--checkpoint", required=True, help="a converted release with a chat template")
+    ch.add_argument("--system", help="a system message at the start of the conversation")
+    _add_sampler_flags(ch)
+    _add_load_flags(ch)
+    ch.set_defaults(fn=cmd_chat)
 
     e = sub.add_parser("eval", help="held-out NELBO perplexity and task exact match; prints one JSON line")
     e.add_argument("--checkpoint", required=True)
@@ -254,8 +364,89 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _add_load_flags(p: argparse.ArgumentParser) -> None:
+    """Where and in which dtype `sample` and `chat` load the checkpoint (`_open_run`)."""
+    p.add_argument("--mesh", type=_mesh_sizes, help="shard the parameters over a mesh of this process's devices: "
+                   "data=D,fsdp=F,tensor=T (unnamed axes are 1; the product is the device count), e.g. "
+                   "fsdp=8,tensor=1; each parameter is read straight into its sharding")
+    p.add_argument("--dtype", type=_model_dtype, help="run the model in bfloat16 or float32 (default: as saved): "
+                   "parameters cast while loading, activations and KV cache in it too; norms, softmax, logits and "
+                   "confidences stay float32")
+    p.add_argument("--attention", choices=["xla", "pallas", "pallas_interpret"],
+                   help="model.attention_impl: pallas runs the Pallas kernels on TPU / GPU, every cached sampling "
+                   "step included (pallas_interpret: the same kernels on CPU, slow); default: the checkpoint's")
+
+
+def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
+    """The sampler flags `sample` and `chat` share; unset flags keep the checkpoint's `sample.*` defaults."""
+    from dlmjax.sampling.choices import CacheKind, Confidence, DreamAlg
+
+    positive = _int_at_least(1)
+    p.add_argument("--gen-length", type=positive, help="generated slots (default: the rest of a training row)")
+    p.add_argument("--steps", type=positive, help="masked sampler: denoising steps over all blocks")
+    p.add_argument("--block-length", type=positive,
+                   help="masked sampler: semi-AR block; block sampler (bd3 runs): block size (default: trained)")
+    p.add_argument("--steps-per-block", type=positive, help="block sampler: denoising steps per block")
+    p.add_argument("--remasking", choices=[str(c) for c in Confidence])
+    p.add_argument("--temperature", type=_real(0.0, what="a number >= 0 (0 is greedy)"))
+    p.add_argument("--cfg-scale", type=_real(0.0, what="a number >= 0 (0 is off)"),
+                   help="classifier-free guidance weight (masked sampler)")
+    p.add_argument("--cache", choices=[str(c) for c in CacheKind],
+                   help="masked sampler: Fast-dLLM KV cache (default none)")
+    p.add_argument("--threshold", type=_real(0.0, 1.0, low_open=True, what="a number in (0, 1]"),
+                   help="parallel decoding: commit slots with confidence >= X (Fast-dLLM; with --alg "
+                   "confidence_threshold, Dream's rule)")
+    p.add_argument("--factor", type=_real(0.0, low_open=True, what="a number > 0"),
+                   help="parallel decoding: Fast-dLLM's factor rule")
+    p.add_argument("--alg", choices=[str(a) for a in DreamAlg],
+                   help="Dream's diffusion_generate algorithm (one block over the generation by default)")
+    p.add_argument("--alg-temp", type=_real(0.0, what="a number >= 0"),
+                   help="Dream: sample committed slots (alg temperature)")
+    p.add_argument("--top-p", type=_real(0.0, 1.0, low_open=True, what="a number in (0, 1] (1 is off)"),
+                   help="nucleus filtering of each proposal")
+    p.add_argument("--top-k", type=_int_at_least(0), help="top-k filtering of each proposal (0 is off)")
+    p.add_argument("--stop-at-eos", action="store_true", help="masked sampler: a row stops after the block "
+                   "in which it generated EOS (later slots hold the pad id)")
+    p.add_argument("--stop", nargs="+", default=(), metavar="STR",
+                   help="cut the printed text before the first of these strings (EOS and end-of-turn always cut)")
+    p.add_argument("--seed", type=int, default=0)
+
+
 def _check_combinations(parser: argparse.ArgumentParser, args) -> None:
     """Flag combinations argparse cannot express, refused before any work."""
+    if args.command in ("sample", "chat") and args.mesh is not None:
+        import jax
+
+        from dlmjax.config import ConfigError
+        from dlmjax.sharding import mesh_shape
+
+        n = jax.device_count()
+        try:
+            mesh_shape(_mesh_config(args.mesh), n)
+        except ConfigError as e:
+            parser.error(f"argument --mesh: {_mesh_text(args.mesh)}: {e}; give sizes whose product is the device "
+                         f"count, e.g. fsdp={n},tensor=1")
+    if args.command == "plan":
+        if not args.sample:
+            given = [flag for flag, value in (("--batch", args.batch), ("--length", args.length),
+                                              ("--dtype", args.dtype), ("--cache", args.cache),
+                                              ("--guidance", args.guidance), ("--block-length", args.block_length))
+                     if value]
+            if given:
+                parser.error(f"argument {given[0]}: applies to the sampling plan; add --sample")
+        if args.mesh is not None and args.devices is not None:
+            product = math.prod(args.mesh.values())
+            if -1 not in args.mesh.values() and product != args.devices:
+                parser.error(f"argument --mesh: {_mesh_text(args.mesh)} needs {product} devices, but --devices is "
+                             f"{args.devices}; give one of them, or sizes whose product is {args.devices}")
+        if args.mesh is not None and args.devices is None and -1 in args.mesh.values():
+            parser.error(f"argument --mesh: {_mesh_text(args.mesh)} has a -1 size; give --devices as well")
+    if args.command == "sample":
+        if args.chat and args.prompt is None:
+            parser.error("argument --chat: it wraps a text --prompt in the chat template; --prompt-ids are sampled "
+                         "as they are")
+        if args.system is not None and not args.chat:
+            parser.error("argument --system: a system message needs --chat")
     if args.command == "convert":
         if args.from_hf is not None and not args.arch:
             parser.error("argument --arch: dlmjax convert --from-hf needs --arch (llada, dream, mdlm or bd3lm)")
@@ -295,6 +486,10 @@ def main(argv=None) -> int:
         _check_combinations(parser, args)
     except SystemExit as e:  # a bad flag (one line already printed), or --help
         return e.code
+    if args.command in CHECKPOINT_COMMANDS:
+        from dlmjax.hostmem import map_large_allocations
+
+        map_large_allocations()  # freed read / write buffers go back to the OS (dlmjax.hostmem)
     try:
         return args.fn(args)
     except DlmjaxError as e:

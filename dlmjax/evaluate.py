@@ -22,6 +22,7 @@ from dlmjax.data.pipeline import make_eval_batches
 from dlmjax.data.tasks import heldout
 from dlmjax.inference import sample, sampler_settings, special_tokens
 from dlmjax.sampling import BlockSamplerSettings
+from dlmjax.text import RunText
 
 
 def evaluate(cfg: Config, params, eval_data: EvalData | None = None, *, eval_step=None, n_batches=None,
@@ -113,7 +114,7 @@ def task_exact_match(cfg: Config, params, task, problems, tokenizer, rng, *, ret
     counts generated tokens before EOS.
     """
     prompts = np.asarray([tokenizer.encode(p.prompt, bos=True) for p in problems], np.int32)
-    settings = sampler_settings(cfg, special_tokens(cfg, tokenizer=tokenizer), prompts.shape[1])
+    settings = sampler_settings(cfg, special_tokens(cfg, text=RunText(tokenizer)), prompts.shape[1])
     bs = min(cfg.sample.batch_size, len(problems))
     chunks = []
     for start in range(0, len(problems), bs):

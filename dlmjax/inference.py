@@ -12,13 +12,14 @@ evaluation and the notebook (`dlmjax.open_run`). Three questions get one answer 
 * Which settings? `sampler_settings(cfg, tokens, prompt_len, request)`: the run's `sample.*` defaults, overridden
   by a `SampleRequest` (the user's flags), checked once; errors name the user's flag (`--gen-length`).
 
-Text goes in and out through the run's own tokenizer (`Run.tokenizer`), never a hard-coded one.
+Text goes in and out through the checkpoint's own tokenizer (`Run.text`: a converted release's tokenizer files and
+chat template, or the tokenizer a run was trained with), never a hard-coded one.
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,7 @@ from dlmjax.sampling.api import check_token_rows
 from dlmjax.sampling.api import generate as generate_rows
 from dlmjax.sampling.choices import BLOCK_CONFIDENCES, CacheKind
 from dlmjax.sampling.tokens import SpecialTokens
+from dlmjax.text import ReleaseText, RunText, generated_text
 
 # Where a training run keeps a copy of the tokenizer file it was trained with (so that the run samples text
 # after the original file has moved); `dlmjax train` writes it, `run_tokenizer` reads it first.
@@ -113,18 +115,35 @@ def _run_root(path: Path) -> Path:
     return path
 
 
-def special_tokens(cfg: Config, checkpoint: str | Path | None = None, tokenizer=None) -> SpecialTokens:
+def checkpoint_text(cfg: Config, checkpoint: str | Path | None = None):
+    """How text goes in and out of a checkpoint: a converted release's own tokenizer files and chat template
+    (`<checkpoint>/hf/`, `dlmjax.text.ReleaseText`), else the tokenizer the run was trained with
+    (`dlmjax.text.RunText`), else None (token ids only)."""
+    from dlmjax.interchange import HF_DIR, imported_token_ids  # noqa: PLC0415 (reads JSON files)
+
+    if checkpoint is not None:
+        release = ReleaseText.from_folder(Path(checkpoint).expanduser() / HF_DIR, imported_token_ids(checkpoint))
+        if release is not None:
+            return release
+    tok = run_tokenizer(cfg, checkpoint)
+    return None if tok is None else RunText(tok)
+
+
+def special_tokens(cfg: Config, checkpoint: str | Path | None = None, text=None) -> SpecialTokens:
     """The checkpoint's token ids, read once.
 
     mask: `diffusion.mask_id`. BOS / EOS / pad: the import manifest of a `dlmjax convert --from-hf` export (the
-    original config.json's ids), else the run's tokenizer (`tokenizer`, or `run_tokenizer`), else unknown (None).
+    original config.json's ids), then the checkpoint's text interface (`text`, or `checkpoint_text`: a release's
+    tokenizer files, or the run's tokenizer) for those config.json does not give; EoT: the token the release's chat
+    template ends a message with. Unknown ids are None.
     """
     from dlmjax.interchange import imported_token_ids  # noqa: PLC0415 (reads one JSON file)
 
-    ids = imported_token_ids(checkpoint) if checkpoint is not None else None
-    if ids is None:
-        tok = tokenizer if tokenizer is not None else run_tokenizer(cfg, checkpoint)
-        ids = {} if tok is None else {"bos_id": tok.bos_id, "eos_id": tok.eos_id, "pad_id": tok.pad_id}
+    ids = dict(imported_token_ids(checkpoint) or {}) if checkpoint is not None else {}
+    text = text if text is not None else checkpoint_text(cfg, checkpoint)
+    for name in ("bos_id", "eos_id", "pad_id", "eot_id"):
+        if ids.get(name) is None and text is not None:
+            ids[name] = getattr(text, name, None)
     ids = {k: v for k, v in ids.items() if k in ("bos_id", "eos_id", "eot_id", "pad_id") and v is not None}
     if ids.get("pad_id") == cfg.diffusion.mask_id:
         ids.pop("pad_id")  # a [MASK] fill would be denoised again; pad with EOS instead
@@ -217,55 +236,83 @@ def sample(cfg: Config, params, prompt, rng, *, settings, prompt_mask=None, cach
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    """A checkpoint opened for sampling: its config, parameters, token ids and tokenizer (None if it has none)."""
+    """A checkpoint opened for sampling: its config, parameters, token ids and text interface (`checkpoint_text`;
+    None if it has none: token ids only)."""
 
     path: Path
     config: Config
     params: Any
     tokens: SpecialTokens
-    tokenizer: Any
+    text: Any
 
     def settings(self, prompt_len: int, request: SampleRequest = SampleRequest()):
         return sampler_settings(self.config, self.tokens, prompt_len, request)
 
+    def _text(self, flag: str):
+        if self.text is None:
+            raise SettingsError(f"{self.path} carries no tokenizer (data.tokenizer={self.config.data.tokenizer!r}, "
+                                f"and no tokenizer.json of a converted release); give token ids (--prompt-ids)",
+                                field=flag)
+        return self.text
+
     def encode(self, text: str) -> list[int]:
-        """A text prompt as the run's tokenizer frames it (BOS first, as in training rows)."""
-        if self.tokenizer is None:
-            raise SettingsError(f"{self.path} carries no tokenizer (data.tokenizer={self.config.data.tokenizer!r}); "
-                                "give token ids (--prompt-ids)", field="prompt")
-        return self.tokenizer.encode(text, bos=True)
+        """A plain text prompt: as the release's reference scripts tokenize it, or framed as the run's training
+        rows (BOS first)."""
+        return self._text("prompt").encode(text)
+
+    def encode_chat(self, messages) -> list[int]:
+        """A chat (`dlmjax.text.conversation(prompt, system)`, or a list of {"role", "content"} messages) through the
+        checkpoint's chat template, ending with the assistant's turn."""
+        return self._text("chat").encode_chat(messages)
 
     def decode(self, ids) -> str:
-        return self.tokenizer.decode(ids)
+        """Ids as text, special tokens left out."""
+        return self._text("prompt").decode(ids)
+
+    def generated_text(self, ids, stop: Sequence[str] = ()) -> str:
+        """A generation as text: cut before the first EOS / end-of-turn token, then before the first stop string."""
+        text = self._text("prompt")
+        stops = text.stop_ids() | {i for i in (self.tokens.eos_id, self.tokens.eot_id) if i is not None}
+        return generated_text(text.decode, ids, frozenset(stops), stop)
 
 
-def open_run(path: str | Path) -> Run:
-    """Loads a checkpoint (`dlmjax.load`) with its token ids and tokenizer: the notebook and CLI entry point."""
+def open_run(path: str | Path, *, mesh: jax.sharding.Mesh | None = None, dtype=None,
+             attention: str | None = None) -> Run:
+    """Loads a checkpoint (`dlmjax.load`) with its token ids and text interface: the notebook and CLI entry point.
+
+    `mesh` and `dtype` go to `dlmjax.load`: each parameter is read straight into its sharding on `mesh` (by the
+    run's `mesh.rules`) and cast to `dtype` (e.g. "bfloat16") while reading. The model then runs in `dtype`
+    (bfloat16 or float32: `model.dtype` and `model.param_dtype` of `Run.config`, as a converted release of that
+    dtype runs), so its matmuls take the weights as they are instead of converting them at each use; norms,
+    rotary embeddings, attention softmax, logits and confidences stay float32. The samplers run sharded as they
+    are (jit keeps the parameters' shardings). `attention` sets `model.attention_impl` ("xla", "pallas": the Pallas
+    kernels on TPU / GPU, every cached sampling step included; "pallas_interpret" on CPU).
+    """
     from dlmjax.checkpoint import load  # noqa: PLC0415 (orbax only when a checkpoint is read)
 
-    cfg, params = load(path)
-    tok = run_tokenizer(cfg, path)
-    return Run(path=Path(path), config=cfg, params=params, tokens=special_tokens(cfg, path, tok), tokenizer=tok)
+    cfg, params = load(path, mesh=mesh, dtype=dtype)
+    if dtype is not None and jnp.dtype(dtype).name in ("bfloat16", "float32"):
+        model = dataclasses.replace(cfg.model, dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
+        cfg = dataclasses.replace(cfg, model=model)
+    if attention is not None:  # `replace` re-runs the config's checks
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention_impl=attention))
+    text = checkpoint_text(cfg, path)
+    return Run(path=Path(path), config=cfg, params=params, tokens=special_tokens(cfg, path, text), text=text)
 
 
-def generated_text(run: Run, rows: list[list[int]], prompt_lengths: list[int]) -> list[str]:
-    """Each row's generation as text (cut at EOS by the tokenizer)."""
-    return [run.decode(np.asarray(row[n:])) for row, n in zip(rows, prompt_lengths)]
-
-
-
-
-def sample_rows(run: Run, rows: list[list[int]], request: SampleRequest = SampleRequest(), *, seed: int = 0):
+def sample_rows(run: Run, rows: list[list[int]], request: SampleRequest = SampleRequest(), *, seed: int = 0,
+                on_block=None):
     """Samples after each prompt row (any lengths) with the run's sampler: the `dlmjax sample` library call.
 
-    Prompt ids are checked on the host first (inside the vocabulary, no mask id). Returns (rows of prompt +
-    generation ids without padding, nfe).
+    Prompt ids are checked on the host first (inside the vocabulary, no mask id). `on_block(block, rows)` sees
+    the rows after each finished block (`dlmjax.generate`). Returns (rows of prompt + generation ids without
+    padding, nfe).
     """
     if not rows or any(not r for r in rows):
         raise SettingsError("every prompt needs at least one token", field="prompt_ids")
     check_token_rows(rows, "prompt_ids", vocab_size=run.config.model.vocab_size, tokens=run.tokens)
     settings = run.settings(max(len(r) for r in rows), request)
-    result = generate_rows(run.config, run.params, rows, settings, jax.random.PRNGKey(seed))
+    result = generate_rows(run.config, run.params, rows, settings, jax.random.PRNGKey(seed), on_block=on_block)
     return result.rows(), result.nfe
 
 

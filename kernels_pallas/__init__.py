@@ -1,15 +1,18 @@
-"""Pallas kernels for diffusion-LM attention: block-sparse masked attention and cached-prefix attention.
+"""Pallas kernels for diffusion-LM attention: block-sparse masked attention and KV-cached block attention.
 
 Standalone (nothing here imports `dlmjax`). Public API:
 
 - `block_attention(q, k, v, *, mask, segment_ids=None, key_mask=None, impl="auto", ...)`: flash attention with
   an online softmax, forward and backward (Pallas kernels on TPU/GPU, blockwise XLA elsewhere). Tiles the
   mask never allows are skipped; see `masks.tile_map`.
-- `cached_attention(q_block, k_cache, v_cache, k_block, v_block, cache_lengths, *, impl="auto", ...)`: the
-  active block against a ragged cache prefix plus its own keys (sampling; forward only).
+- `cached_attention(q_block, k_cache, v_cache, k_block, v_block, cache_ranges, *, block_key_mask=None, ...)`:
+  the active block against the cache slots in per-row half-open ranges (`[lo, hi)` pairs: a ragged prefix, or a
+  dual cache's keys on both sides of the block, left padding excluded) plus its own keys (sampling; forward
+  only). Only cache tiles the ranges touch are read; see `ranges`.
 - `attention_for_model(...)`: the adapter for `dlmjax.models.attention.attention` (the same `Mask` classes).
 - Masks: `Full`, `Causal(offset)`, `BlockCausal(block_size)`, `Bd3Training(length, block_size)`;
   `tile_map`, `skipped_fraction`.
+- `ranges`: the cache-range helpers (`slot_mask`, `visit_plan`: which tiles a cached call reads).
 - `lowering_target(platform)`: trace for a TPU/GPU this machine lacks (for `jax.export`).
 
 Implementations (`impl`): "mosaic" (TPU kernels), "triton" (GPU kernels), "xla" (blockwise jnp scan),
@@ -19,8 +22,10 @@ bfloat16 inputs, float32 scores and accumulation, scale 1/sqrt(Dh). Query rows t
 """
 from __future__ import annotations
 
+import jax.numpy as jnp
 
 from kernels_pallas import cached as _cached
+from kernels_pallas import ranges
 from kernels_pallas import reference as _reference
 from kernels_pallas import xla as _xla
 from kernels_pallas.dispatch import BLOCK_SIZES, check_inputs, check_tiling, fit_block, lowering_target, resolve_impl
@@ -28,7 +33,7 @@ from kernels_pallas.flash import flash_attention as _flash_attention
 from kernels_pallas.masks import Bd3Training, BlockCausal, Causal, Full, Mask, skipped_fraction, tile_map
 
 __all__ = [
-    "block_attention", "cached_attention", "attention_for_model", "lowering_target", "BLOCK_SIZES",
+    "block_attention", "cached_attention", "attention_for_model", "lowering_target", "BLOCK_SIZES", "ranges",
     "Mask", "Full", "Causal", "BlockCausal", "Bd3Training", "tile_map", "skipped_fraction",
 ]
 
@@ -71,37 +76,50 @@ def block_attention(q, k, v, *, mask: Mask, segment_ids=None, key_mask=None, imp
                             block_q=block_q, block_k=block_k, interpret=interpret)
 
 
-def cached_attention(q_block, k_cache, v_cache, k_block, v_block, cache_lengths, *, impl: str = "auto",
-                     block_q: int | None = None, block_k: int | None = None, interpret: bool | None = None):
-    """The active block's queries against [valid cache prefix ; the block's own keys], bidirectional.
+def cached_attention(q_block, k_cache, v_cache, k_block, v_block, cache_ranges, *, block_key_mask=None,
+                     impl: str = "auto", block_q: int | None = None, block_k: int | None = None,
+                     interpret: bool | None = None):
+    """The active block's queries against [the row's visible cache slots ; the block's own keys], bidirectional.
 
     Args:
-      q_block: [B, Lb, H, Dh] (the block, optionally followed by a suffix for a dual cache).
-      k_cache, v_cache: [B, S, Hkv, Dh]; only slots [0, cache_lengths[b]) of row b are read.
+      q_block: [B, Lb, H, Dh] (the block, or a longer chunk: a prefix cache's block and everything after it).
+      k_cache, v_cache: [B, S, Hkv, Dh]; row b reads only the cache tiles its ranges touch.
       k_block, v_block: [B, Lb, Hkv, Dh].
-      cache_lengths: int [B], each in [0, S].
+      cache_ranges: int[B, R, 2], the half-open slot ranges [lo, hi) row b sees (their union; see
+        `kernels_pallas.ranges`: any order, empty and overlapping ranges allowed, clipped to [0, S]), e.g.
+        [[pad, block_start), [block_end, end)] for a dual cache over a left-padded row; or int[B], a valid
+        prefix length per row (the special case [[0, length)]).
+      block_key_mask: bool[B, Lb], False on the block's padding keys (default: every key is real).
     Returns:
-      [B, Lb, H, Dh] in q_block's dtype. Forward only.
+      [B, Lb, H, Dh] in q_block's dtype; a query that sees no key gives 0. Forward only. Slots outside the
+      ranges never reach the output, whatever they hold (NaN included).
     """
     check_inputs(q_block, k_cache, v_cache)
     check_inputs(q_block, k_block, v_block)
     b, lb, _, dh = q_block.shape
+    s = k_cache.shape[1]
     if k_block.shape[1] != lb:
         raise ValueError(f"k_block {k_block.shape} must have the queries' length Lb={lb}")
-    if cache_lengths.shape != (b,):
-        raise ValueError(f"cache_lengths {cache_lengths.shape} must be [B] = {(b,)}")
+    cache_ranges = ranges.as_ranges(cache_ranges, b)
+    if block_key_mask is None:
+        block_key_mask = jnp.ones((b, lb), bool)
+    elif block_key_mask.shape != (b, lb):
+        raise ValueError(f"block_key_mask {block_key_mask.shape} must be [B, Lb] = {(b, lb)}")
+    block_key_mask = block_key_mask.astype(bool)
     impl, interpret = resolve_impl(impl, interpret)
-    args = (q_block, k_cache, v_cache, k_block, v_block, cache_lengths)
+    args = (q_block, k_cache, v_cache, k_block, v_block)
     if impl == "reference":
-        return _reference.cached_attention(*args)
+        return _reference.cached_attention(*args, cache_ranges, block_key_mask)
     if impl == "xla":
-        return _cached.cached_xla(*args, chunk=block_k or BLOCK_SIZES["xla"]["block_k"])
+        return _cached.cached_xla(*args, cache_ranges, block_key_mask,
+                                  chunk=block_k or BLOCK_SIZES["xla"]["block_k"])
     block_q = fit_block(impl, "cached_block_q", block_q, lb)
-    block_k = fit_block(impl, "cached_block_k", block_k, k_cache.shape[1])
+    block_k = fit_block(impl, "cached_block_k", block_k, s)
     check_tiling(impl, head_dim=dh, block_q=block_q, block_k=block_k, interpret=interpret,
                  q_rows=lb if lb <= block_q else 0)
+    lo, hi = ranges.normalize(cache_ranges, s)
     kernel = _cached.cached_tpu if impl == "mosaic" else _cached.cached_triton
-    return kernel(*args, block_q=block_q, block_k=block_k, interpret=interpret)
+    return kernel(*args, lo, hi, block_key_mask, block_q=block_q, block_k=block_k, interpret=interpret)
 
 
 def attention_for_model(q, k, v, *, mask, key_mask=None, impl: str = "auto", interpret: bool | None = None):

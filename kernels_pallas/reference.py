@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas.masks import Mask
+from kernels_pallas.ranges import as_ranges
 
 
 def visibility(mask: Mask, q_len: int, kv_len: int, segment_ids=None, key_mask=None):
@@ -44,12 +45,19 @@ def block_attention(q, k, v, *, mask: Mask, segment_ids=None, key_mask=None):
     return attention_dense(q, k, v, allowed)
 
 
-def cached_attention(q_block, k_cache, v_cache, k_block, v_block, cache_lengths):
-    """Dense twin of `kernels_pallas.cached_attention`: [valid cache prefix ; whole block], bidirectional."""
+def cached_attention(q_block, k_cache, v_cache, k_block, v_block, cache_ranges, block_key_mask=None):
+    """Dense twin of `kernels_pallas.cached_attention`: [cache slots in the row's ranges ; the block's keys under
+    `block_key_mask`], bidirectional. cache_ranges int[B, R, 2] (or [B] prefix lengths); hidden values are zeroed
+    (0 * NaN = NaN)."""
+    b, lb = q_block.shape[0], k_block.shape[1]
+    cache_ranges = as_ranges(cache_ranges, b)
     s = k_cache.shape[1]
-    cache_valid = jnp.arange(s)[None, :] < cache_lengths[:, None]
-    key_valid = jnp.concatenate([cache_valid, jnp.ones((q_block.shape[0], k_block.shape[1]), bool)], axis=1)
+    slot = jnp.arange(s)[None, None, :]
+    cache_valid = jnp.any((slot >= cache_ranges[:, :, :1]) & (slot < cache_ranges[:, :, 1:]), axis=1)
+    block_valid = jnp.ones((b, lb), bool) if block_key_mask is None else block_key_mask.astype(bool)
+    key_valid = jnp.concatenate([cache_valid, block_valid], axis=1)
     keys = jnp.concatenate([k_cache, k_block.astype(k_cache.dtype)], axis=1)
     values = jnp.concatenate([v_cache, v_block.astype(v_cache.dtype)], axis=1)
-    allowed = jnp.broadcast_to(key_valid[:, None, :], (q_block.shape[0], q_block.shape[1], keys.shape[1]))
+    values = jnp.where(key_valid[:, :, None, None], values, 0)
+    allowed = jnp.broadcast_to(key_valid[:, None, :], (b, q_block.shape[1], keys.shape[1]))
     return attention_dense(q_block, keys, values, allowed)

@@ -321,3 +321,50 @@ def test_generate_api_errors_name_the_problem(small):
     with pytest.raises(ValueError, match=r"cache=DualCache\(\) needs a model denoiser"):
         generate(ContextToy(), toy_params(), jnp.zeros((1, 2), jnp.int32),
                  SamplerSettings.llada(gen_length=4, steps=4, mask_id=32, cache="dual"), jax.random.PRNGKey(0))
+
+
+@pytest.fixture(scope="module")
+def converted_dream(tmp_path_factory):
+    from dlmjax.interchange import convert_from_hf
+
+    return convert_from_hf(GOLDEN / "tiny_dream", "dream", tmp_path_factory.mktemp("dream") / "ckpt")
+
+
+@pytest.mark.parametrize("case", DREAM_CASES, ids=[c["name"] for c in DREAM_CASES])
+def test_dream_golden_through_the_command_line(converted_dream, case, capsys):
+    """`dlmjax sample --alg ... --json` on a converted Dream, with the CLI's defaults (the reference's as released):
+    the same tokens and NFE as Dream's `diffusion_generate`."""
+    from dlmjax.cli import main
+
+    k = case["kwargs"]
+    argv = ["sample", "--checkpoint", str(converted_dream), "--prompt-ids", ",".join(map(str, case["prompt"])),
+            "--alg", k["alg"], "--gen-length", str(k["max_new_tokens"]), "--steps", str(k["steps"]),
+            "--temperature", str(k["temperature"]), "--json"]
+    if k.get("threshold") is not None:
+        argv += ["--threshold", str(k["threshold"])]
+    assert main(argv) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["tokens"] == case["output_ids"] and out["nfe"] == case["nfe"]
+
+
+def test_a_release_generation_config_sets_the_sampling_defaults(tmp_path):
+    """generation_config.json's temperature / top_k / top_p become the converted checkpoint's `sample.*`; flags
+    still win, and without them Dream keeps the reference's defaults (top-k 50, temperature 1)."""
+    import shutil
+
+    from dlmjax.inference import SampleRequest, open_run
+    from dlmjax.interchange import convert_from_hf
+
+    plain = open_run(convert_from_hf(GOLDEN / "tiny_dream", "dream", tmp_path / "plain"))
+    dream = plain.settings(8, SampleRequest(gen_length=8, steps=8, alg="entropy"))
+    assert (dream.proposal.temperature, dream.proposal.top_k, dream.proposal.top_p) == (1.0, 50, 1.0)
+    hf = tmp_path / "hf"
+    shutil.copytree(GOLDEN / "tiny_dream", hf)
+    gen = json.loads((hf / "generation_config.json").read_text())
+    (hf / "generation_config.json").write_text(json.dumps({**gen, "temperature": 0.2, "top_p": 0.95, "top_k": None}))
+    run = open_run(convert_from_hf(hf, "dream", tmp_path / "ckpt"))
+    assert (run.config.sample.temperature, run.config.sample.top_p, run.config.sample.top_k) == (0.2, 0.95, None)
+    s = run.settings(8, SampleRequest(gen_length=8, steps=8, alg="entropy"))
+    assert (s.proposal.temperature, s.proposal.top_p, s.proposal.top_k) == (0.2, 0.95, 50)
+    s = run.settings(8, SampleRequest(gen_length=8, steps=8, alg="entropy", temperature=0.0, top_k=3))
+    assert (s.proposal.temperature, s.proposal.top_k) == (0.0, 3)

@@ -204,6 +204,82 @@ def test_cached_attention_matches_reference(impl, kw):
     _assert_close(got, want, jnp.float32)
 
 
+def _random_ranges(rng, b, s, r):
+    """int32[B, R, 2]: random pairs in [-2, S + 2], any order; some empty (lo >= hi), overlapping or in one tile."""
+    return rng.integers(-2, s + 3, size=(b, r, 2)).astype(np.int32)
+
+
+def _poison_outside(x, cache_ranges):
+    """x [B, S, Hkv, Dh] with NaN in every slot outside the row's ranges."""
+    seen = np.asarray(kp.ranges.slot_mask(jnp.asarray(cache_ranges), x.shape[1]))
+    return jnp.where(seen[:, :, None, None], x, jnp.nan)
+
+
+@pytest.mark.parametrize("impl,kw", [("xla", {"block_k": 16}), ("mosaic", {"block_k": 8, "interpret": True}),
+                                     ("triton", {"block_k": 16, "block_q": 16, "interpret": True})])
+def test_cached_attention_ranges_match_reference(impl, kw):
+    """Per-row ranges (dual-cache shapes, left padding, random pairs), a padded block and a block longer than a
+    cache tile; NaN in every hidden cache slot changes nothing."""
+    b, s, lb, h, hkv, dh = 6, 45, 20, 4, 2, 16
+    ks = jax.random.split(jax.random.PRNGKey(5), 5)
+    q = jax.random.normal(ks[0], (b, lb, h, dh))
+    k_cache, v_cache = (jax.random.normal(key, (b, s, hkv, dh)) for key in ks[1:3])
+    k_block, v_block = (jax.random.normal(key, (b, lb, hkv, dh)) for key in ks[3:5])
+    cache_ranges = np.concatenate([
+        np.asarray([[[3, 17], [21, 45]],    # dual cache: left padding 3, block [17, 21) hidden inside one tile
+                    [[0, 40], [40, 45]],    # touching ranges
+                    [[30, 45], [2, 9]]]),   # any order
+        _random_ranges(np.random.default_rng(0), 3, s, 2)])
+    block_key_mask = jnp.ones((b, lb), bool).at[1, 15:].set(False)  # a right-padded chunk (suffix padding)
+    f = jax.jit(lambda *a: kp.cached_attention(*a[:6], block_key_mask=a[6], impl=impl, **kw))
+    want = jax.jit(reference.cached_attention)(q, k_cache, v_cache, k_block, v_block, cache_ranges, block_key_mask)
+    got = f(q, k_cache, v_cache, k_block, v_block, cache_ranges, block_key_mask)
+    _assert_close(got, want, jnp.float32)
+    poisoned = f(q, _poison_outside(k_cache, cache_ranges), _poison_outside(v_cache, cache_ranges), k_block, v_block,
+                 cache_ranges, block_key_mask)
+    np.testing.assert_array_equal(np.asarray(poisoned), np.asarray(got))
+
+
+def test_cached_attention_prefix_lengths_are_one_range():
+    b, s, lb, h, dh = 2, 20, 4, 2, 8
+    q, k, v, _ = _inputs(b, lb, s, h, h, dh, jnp.float32)
+    lengths = jnp.asarray([7, 20])
+    by_length = kp.cached_attention(q, k, v, k[:, :lb], v[:, :lb], lengths, impl="reference")
+    by_range = kp.cached_attention(q, k, v, k[:, :lb], v[:, :lb], jnp.stack([0 * lengths, lengths], -1)[:, None],
+                                   impl="reference")
+    np.testing.assert_array_equal(np.asarray(by_length), np.asarray(by_range))
+    with pytest.raises(ValueError, match=r"cache_ranges \(2, 3\) must be \[B, R, 2\]"):
+        kp.cached_attention(q, k, v, k[:, :lb], v[:, :lb], jnp.zeros((2, 3), jnp.int32), impl="reference")
+
+
+@pytest.mark.parametrize("block_k", [1, 4, 16])
+def test_visit_plan_lists_exactly_the_tiles_holding_a_visible_slot(block_k):
+    rng = np.random.default_rng(block_k)
+    s, n_ranges = 37, 3
+    cache_ranges = _random_ranges(rng, 64, s, n_ranges)
+    n_tiles = -(-s // block_k)
+    lo, hi = kp.ranges.normalize(jnp.asarray(cache_ranges), s)
+    tiles, kinds, counts = (np.asarray(x) for x in kp.ranges.visit_plan(lo, hi, block_k, n_tiles))
+    seen = np.asarray(kp.ranges.slot_mask(jnp.asarray(cache_ranges), s))
+    for row in range(len(cache_ranges)):
+        want_seen = np.zeros(s, bool)
+        for a, z in cache_ranges[row]:
+            want_seen[max(a, 0):max(min(z, s), 0)] = True
+        np.testing.assert_array_equal(seen[row], want_seen)
+        padded = np.concatenate([want_seen, np.zeros(n_tiles * block_k - s, bool)]).reshape(n_tiles, block_k)
+        touched = np.flatnonzero(padded.any(axis=1))
+        n = len(touched)
+        assert counts[row] == n
+        np.testing.assert_array_equal(tiles[row, :n], touched)
+        # FULL (no mask arithmetic) where one range covers the tile; a tile covered only by two ranges together
+        # stays PARTIAL (exact either way).
+        covered = np.asarray([any(a <= t * block_k and (t + 1) * block_k <= min(z, s) for a, z in cache_ranges[row])
+                              for t in touched], bool)
+        np.testing.assert_array_equal(kinds[row, :n], np.where(covered, masks.FULL, masks.PARTIAL))
+        # Past the count: the last visited tile again (no new DMA on TPU), nothing to compute.
+        assert (tiles[row, n:] == (touched[-1] if n else 0)).all() and (kinds[row, n:] == masks.EMPTY).all()
+
+
 # --------------------------------------------------------------------------------------- the model adapter
 
 
@@ -291,6 +367,26 @@ def test_cached_attention_tpu_interpret_mode():
     got = jax.jit(lambda *a: kp.cached_attention(*a, impl="mosaic", block_k=128, interpret=pltpu.InterpretParams()))(
         q, k_cache, v_cache, k_block, v_block, lengths)
     want = jax.jit(reference.cached_attention)(q, k_cache, v_cache, k_block, v_block, lengths)
+    _assert_close(got, want, jnp.float32)
+
+
+def test_cached_attention_ranges_tpu_interpret_mode():
+    """Dual-cache ranges with left padding and a chunk longer than a cache tile (block keys in 128-row tiles) and
+    than a q tile (two q tiles resident in one program, the cache tiles read once for both)."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    b, s, lb, h, hkv, dh = 2, 300, 200, 2, 1, 128
+    ks = jax.random.split(jax.random.PRNGKey(6), 5)
+    q = jax.random.normal(ks[0], (b, lb, h, dh))
+    k_cache, v_cache = (jax.random.normal(key, (b, s, hkv, dh)) for key in ks[1:3])
+    k_block, v_block = (jax.random.normal(key, (b, lb, hkv, dh)) for key in ks[3:5])
+    cache_ranges = jnp.asarray([[[5, 100], [140, 290]], [[0, 0], [200, 300]]])
+    block_key_mask = jnp.ones((b, lb), bool).at[0, 180:].set(False)
+    got = jax.jit(lambda *a: kp.cached_attention(*a[:6], block_key_mask=a[6], impl="mosaic", block_q=128,
+                                                 block_k=128, interpret=pltpu.InterpretParams()))(
+        q, _poison_outside(k_cache, cache_ranges), _poison_outside(v_cache, cache_ranges), k_block, v_block,
+        cache_ranges, block_key_mask)
+    want = jax.jit(reference.cached_attention)(q, k_cache, v_cache, k_block, v_block, cache_ranges, block_key_mask)
     _assert_close(got, want, jnp.float32)
 
 

@@ -63,6 +63,19 @@ def test_cached_attention_lowers(platform):
     assert _count_kernels(platform, _export(platform, fn, *args)) == 1
 
 
+@pytest.mark.parametrize("platform", sorted(TARGETS))
+@pytest.mark.parametrize("lb", [32, 300])
+def test_cached_attention_with_ranges_lowers(platform, lb):
+    """Two ranges per row (a dual cache over left padding) and a block key mask; lb=300: a prefix cache's long
+    chunk, whose keys take several tiles."""
+    b, s, h, hkv, dh = 2, 1000, 4, 2, 128
+    fn = lambda q, kc, vc, kb, vb, ranges, mask: kp.cached_attention(q, kc, vc, kb, vb, ranges, block_key_mask=mask,
+                                                                     block_k=128)
+    args = (_sds((b, lb, h, dh)), _sds((b, s, hkv, dh)), _sds((b, s, hkv, dh)), _sds((b, lb, hkv, dh)),
+            _sds((b, lb, hkv, dh)), _sds((b, 2, 2), jnp.int32), _sds((b, lb), jnp.bool_))
+    assert _count_kernels(platform, _export(platform, fn, *args)) == 1
+
+
 def test_tpu_rejects_a_head_dim_its_tiling_cannot_take():
     fn = lambda q, k, v: kp.block_attention(q, k, v, mask=kp.Causal())
     x = _sds((1, 256, 2, 64))

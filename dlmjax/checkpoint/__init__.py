@@ -9,11 +9,11 @@
 Neither imports `dlmjax.train`: what a checkpoint needs to know about the model (parameter shapes and logical
 axes) comes from `dlmjax.models.specs`.
 """
-from dlmjax.checkpoint.params import CONFIG_FILE, PARAMS_ITEM, is_params_export, load, save_params
+from dlmjax.checkpoint.params import CONFIG_FILE, PARAMS_ITEM, is_params_export, load, read_config, save_params
 from dlmjax.checkpoint.run import (TMP_MARKER, UNREADABLE_SUFFIX, Checkpointer, CheckpointWarning,
                                    find_checkpoint_dir)
 from dlmjax.errors import CheckpointError, CheckpointRestoreError
 
 __all__ = ["CONFIG_FILE", "PARAMS_ITEM", "TMP_MARKER", "UNREADABLE_SUFFIX", "CheckpointError",
            "CheckpointRestoreError", "CheckpointWarning", "Checkpointer", "find_checkpoint_dir", "is_params_export",
-           "load", "save_params"]
+           "load", "read_config", "save_params"]

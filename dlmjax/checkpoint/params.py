@@ -18,10 +18,9 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 
-from dlmjax.checkpoint.run import (Checkpointer, absolute, find_checkpoint_dir, restore_pytree, short_error,
-                                   storage_errors)
+from dlmjax.checkpoint.run import (Checkpointer, absolute, find_checkpoint_dir, restore_pytree, save_pytree,
+                                   short_error, storage_errors)
 from dlmjax.config import Config, MeshConfig, config_from_dict
 from dlmjax.errors import CheckpointError, CheckpointRestoreError, InputError
 from dlmjax.models.specs import param_shardings
@@ -29,7 +28,7 @@ from dlmjax.sharding import make_mesh
 
 PARAMS_ITEM, CONFIG_FILE = "params", "config.json"
 
-__all__ = ["CONFIG_FILE", "PARAMS_ITEM", "is_params_export", "load", "save_params"]
+__all__ = ["CONFIG_FILE", "PARAMS_ITEM", "is_params_export", "load", "read_config", "save_params"]
 
 
 def is_params_export(path: str | Path) -> bool:
@@ -53,9 +52,7 @@ def save_params(path: str | Path, cfg: Config, params) -> Path:
                               f"it", str(path / PARAMS_ITEM))
     with storage_errors(f"the params export {path}", after=f"no complete export was written at {path}"):
         path.mkdir(parents=True, exist_ok=True)
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(path / PARAMS_ITEM, params)
-            ckptr.wait_until_finished()
+        save_pytree(path / PARAMS_ITEM, params)
         tmp = path / (CONFIG_FILE + ".tmp")
         tmp.write_text(cfg.to_json())
         tmp.replace(path / CONFIG_FILE)  # the config appears only once the params are committed
@@ -95,6 +92,18 @@ def _load_params_export(path: Path, mesh, dtype):
         raise CheckpointRestoreError(f"params export {path} could not be restored ({short_error(e)}); an export "
                                      f"has a single version, so there is nothing to fall back to") from e
     return cfg, params
+
+
+def read_config(path: str | Path) -> Config:
+    """The run config of a checkpoint (any path `load` takes; a run's newest step), without reading a parameter."""
+    path = absolute(path)
+    if is_params_export(path):
+        return config_from_dict(json.loads((path / CONFIG_FILE).read_text()))
+    ckpt = Checkpointer(find_checkpoint_dir(path), read_only=True)
+    try:
+        return ckpt.restore_config()
+    finally:
+        ckpt.close()
 
 
 def load(path: str | Path, *, step: int | None = None, mesh: jax.sharding.Mesh | None = None, dtype=None):

@@ -10,8 +10,9 @@ One module per architecture family does the mapping (`llada`, `dream`, `dit` for
     to_params(read, names, model_cfg, arch)  -> (params tree, passthrough {name: array})
     to_hf(params, model_cfg, arch)           -> {hf name: array in the Hugging Face layout}
 
-This package reads the folder tensor by tensor (`safetensors_io`), builds a full, validated dlmjax `Config`, places
-each parameter straight into its sharding on the mesh, and writes a params-only export (`dlmjax.checkpoint
+This package reads the folder tensor by tensor (`safetensors_io`; the mapped file's pages of a tensor are let go once
+it is placed, and its dtype is kept), builds a full, validated dlmjax `Config`, places each parameter straight into
+its sharding on the mesh, and writes a params-only export (`dlmjax.checkpoint
 .save_params`) plus `hf/`: the original config.json (and generation_config.json, index file), tensors dlmjax does
 not use (`passthrough.safetensors`) and `manifest.json` (arch, meta, every tensor's name, dtype, shape and shard in
 order). Export inverts the mapping, casts every tensor back to its recorded dtype and writes the recorded layout,
@@ -28,11 +29,12 @@ from pathlib import Path
 
 import numpy as np
 
-from dlmjax.config import Config, DataConfig, DiffusionConfig, ModelConfig
+from dlmjax.config import Config, DataConfig, DiffusionConfig, ModelConfig, SampleConfig
 from dlmjax.interchange.errors import InterchangeError
 from dlmjax.interchange.safetensors_io import (CONFIG_FILE, DTYPES, GENERATION_CONFIG_FILE, INDEX_FILE, SINGLE_FILE,
                                                HFCheckpoint, dtype_name, read_safetensors,
                                                write_safetensors)
+from dlmjax.text import TOKENIZER_FILES
 
 __all__ = ["ARCHES", "InterchangeError", "get_module", "import_hf", "convert_from_hf", "export_to_hf",
            "HF_DIR", "MANIFEST"]
@@ -44,7 +46,11 @@ ARCHES = tuple(MODULES)
 # The diffusion objective an imported checkpoint is trained / evaluated with.
 OBJECTIVES = {"llada": "llada", "dream": "llada", "mdlm": "mdlm", "bd3lm": "bd3"}
 HF_DIR, MANIFEST, PASSTHROUGH_FILE = "hf", "manifest.json", "passthrough.safetensors"
-COPIED_FILES = (CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE)
+# Copied into `<checkpoint>/hf/` and written back on export: the model's configs and its tokenizer files, so the
+# tokenizer travels with the checkpoint (`dlmjax.text.ReleaseText` reads it there).
+COPIED_FILES = (CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE) + TOKENIZER_FILES
+# generation_config.json fields that become the imported config's `sample.*` proposal defaults.
+GENERATION_DEFAULTS = ("temperature", "top_k", "top_p")
 DEFAULT_SEQ_LEN = 1024  # data.seq_len of an imported model (capped at its context)
 DATA_PATH_PLACEHOLDER = "<set data.path to fine-tune>"
 
@@ -65,8 +71,22 @@ def get_module(arch: str):
     return module
 
 
-def build_config(model_cfg: ModelConfig, meta: dict, arch: str) -> Config:
-    """A full dlmjax Config for an imported model: its objective, mask id, and text-data defaults."""
+def sample_defaults(hf_dir: Path) -> dict:
+    """The proposal defaults a release's generation_config.json sets (temperature, top_k, top_p), if any; a null
+    or absent field keeps the sampler's reference default."""
+    path = Path(hf_dir) / GENERATION_CONFIG_FILE
+    if not path.is_file():
+        return {}
+    try:
+        gen = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise InterchangeError(f"{path} is not valid JSON (line {e.lineno}: {e.msg})") from None
+    return {k: gen[k] for k in GENERATION_DEFAULTS if isinstance(gen, dict) and gen.get(k) is not None}
+
+
+def build_config(model_cfg: ModelConfig, meta: dict, arch: str, sample: dict | None = None) -> Config:
+    """A full dlmjax Config for an imported model: its objective, mask id, text-data defaults and the sampling
+    defaults of its generation config."""
     objective = OBJECTIVES[arch]
     diffusion = {"objective": objective, "mask_id": int(meta["mask_id"])}
     seq_len = min(model_cfg.max_seq_len, DEFAULT_SEQ_LEN)
@@ -80,7 +100,8 @@ def build_config(model_cfg: ModelConfig, meta: dict, arch: str) -> Config:
             seq_len = max(block, seq_len // block * block)
     try:
         return Config(model=model_cfg, diffusion=DiffusionConfig(**diffusion),
-                      data=DataConfig(kind="text", path=DATA_PATH_PLACEHOLDER, seq_len=seq_len, batch_size=8))
+                      data=DataConfig(kind="text", path=DATA_PATH_PLACEHOLDER, seq_len=seq_len, batch_size=8),
+                      sample=SampleConfig(**(sample or {})))
     except ValueError as e:
         raise InterchangeError(f"--arch {arch}: the imported settings do not form a valid dlmjax config: {e}") from None
 
@@ -100,11 +121,12 @@ def _flat(tree) -> dict:
     return traverse_util.flatten_dict(dict(tree)) if tree else {}
 
 
-def place_params(params: dict, model_cfg: ModelConfig, mesh=None, rules=None) -> dict:
+def place_params(params: dict, model_cfg: ModelConfig, mesh=None, rules=None, release=None) -> dict:
     """Check `params` (host arrays, dlmjax layout) against the model and put each one, cast to
-    `model.param_dtype`, straight into its sharding on `mesh` (default: the config's mesh over all devices)
-    under the logical-axis `rules` (default: `dlmjax.sharding.LOGICAL_RULES`), one tensor at a time: the host
-    never holds a second copy of the model."""
+    `model.param_dtype`, straight into its sharding on `mesh` (default: this process's first device, as
+    `dlmjax.load` does) under the logical-axis `rules` (default: `dlmjax.sharding.LOGICAL_RULES`), one tensor at a
+    time: the host never holds a second copy of the model. `release(array)`, if given, is called with each host
+    array once its copy is on the devices (`HFCheckpoint.release`: the mapped file's pages go as they are used)."""
     import flax.linen as nn  # noqa: PLC0415
     import jax  # noqa: PLC0415
     import jax.numpy as jnp  # noqa: PLC0415
@@ -115,7 +137,8 @@ def place_params(params: dict, model_cfg: ModelConfig, mesh=None, rules=None) ->
     from dlmjax.sharding import LOGICAL_RULES, logical_to_sharding, make_mesh  # noqa: PLC0415
 
     boxed = jax.eval_shape(lambda: build_model(model_cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
-    mesh = mesh if mesh is not None else make_mesh(MeshConfig())
+    if mesh is None:  # one copy: a mesh over every device would replicate the model on each of them
+        mesh = make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1), jax.local_devices()[:1])
     like = nn.unbox(boxed["params"])
     shardings = _flat(logical_to_sharding(nn.get_partition_spec(boxed)["params"], mesh,
                                           LOGICAL_RULES if rules is None else rules, shapes=like))
@@ -133,6 +156,9 @@ def place_params(params: dict, model_cfg: ModelConfig, mesh=None, rules=None) ->
             raise InterchangeError(f"parameter {'/'.join(key)} has shape {list(a.shape)}; the model expects "
                                    f"{list(want.shape)}")
         placed[key] = jax.device_put(np.asarray(a).astype(want.dtype, copy=False), shardings[key])
+        if release is not None:
+            placed[key].block_until_ready()  # the copy has read `a`
+            release(a)
         del a
     return traverse_util.unflatten_dict(placed)
 
@@ -142,9 +168,10 @@ def _import(hf_dir, arch: str, mesh=None):
     ckpt = HFCheckpoint(hf_dir)
     model_cfg, meta = module.model_config(ckpt.config, arch)
     model_cfg = _with_checkpoint_dtype(model_cfg, ckpt)
-    cfg = build_config(model_cfg, meta, arch)
+    cfg = build_config(model_cfg, meta, arch, sample_defaults(ckpt.directory))
     host_params, passthrough = module.to_params(ckpt.read, ckpt.names, model_cfg, arch)
-    params = place_params(host_params, model_cfg, mesh)
+    ckpt.release()  # the finite check read every tensor; placing reads each again, one at a time
+    params = place_params(host_params, model_cfg, mesh, release=ckpt.release)
     del host_params
     return ckpt, cfg, params, meta, passthrough
 
@@ -182,6 +209,16 @@ def check_new_output(out, flag: str = "--out") -> Path:
     return out
 
 
+def _host_mesh():
+    """A one-device mesh on this process's CPU device."""
+    import jax  # noqa: PLC0415
+
+    from dlmjax.config import MeshConfig  # noqa: PLC0415
+    from dlmjax.sharding import make_mesh  # noqa: PLC0415
+
+    return make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1), jax.local_devices(backend="cpu")[:1])
+
+
 def convert_from_hf(hf_dir, arch: str, out, mesh=None) -> Path:
     """Import `hf_dir` and write a params-only export at `out` (+ `out/hf/` for a faithful export later).
 
@@ -189,6 +226,8 @@ def convert_from_hf(hf_dir, arch: str, out, mesh=None) -> Path:
     folder and renamed to `out` when complete, so a failed or interrupted conversion leaves no partial `out`.
     """
     out = check_new_output(out)
+    if mesh is None:  # conversion only writes the parameters: host memory, even on an accelerator host (an 8B model
+        mesh = _host_mesh()  # in bf16 is 16 GB, more than one v5e chip holds)
     ckpt, cfg, params, meta, passthrough = _import(hf_dir, arch, mesh)
     staging = out.parent / f".{out.name}.converting-{os.getpid()}"
     try:

@@ -5,9 +5,14 @@ A folder holds `config.json` and either `model.safetensors` or shards `model-000
 
 The safetensors format is an 8-byte little-endian header length, a JSON header (`__metadata__` plus, per tensor,
 `dtype`, `shape` and `data_offsets` into the data section) and the raw little-endian bytes. Reading parses the
-header and maps the file (`np.memmap`): `HFCheckpoint.read(name)` is a read-only view of one tensor, so nothing is
+header and maps the file (`mmap`): `HFCheckpoint.read(name)` is a read-only view of one tensor, so nothing is
 loaded before it is used and a converter holds at most the tensor it is working on. bfloat16 and float8 tensors come
 back as `ml_dtypes` arrays (numpy has no such dtypes), so every tensor keeps its exact bits.
+
+Pages of a mapped file that have been read count in the process's resident memory until it lets them go: read
+whole, a checkpoint would sit in memory next to the parameters made from it. `HFCheckpoint.release(array)` drops
+the pages under a view (`MADV_DONTNEED`: they stay in the kernel's page cache, and a later read maps them again),
+so an import holds the file's pages one tensor at a time (bench/convert_memory.py).
 
 Writing (`write_safetensors`) streams tensors into a file laid out the way the safetensors library lays it out
 (compact JSON header in the given tensor order, padded with spaces to 8 bytes), so an unchanged checkpoint is
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import mmap
 import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -134,7 +140,7 @@ class HFCheckpoint:
         self.tensors: dict[str, TensorInfo] = {}
         self.shards: list[ShardInfo] = []
         self._data_start: dict[str, int] = {}
-        self._maps: dict[str, np.memmap] = {}
+        self._maps: dict[str, tuple[mmap.mmap, np.ndarray]] = {}  # file -> (mapping, uint8 view of all of it)
         for file in files:
             if not (self.directory / file).is_file():
                 raise InterchangeError(f"{self.directory / INDEX_FILE} names shard {file!r}, which does not exist")
@@ -164,13 +170,35 @@ class HFCheckpoint:
         except KeyError:
             raise InterchangeError(f"tensor {name!r} is not in the checkpoint {self.directory}") from None
         if t.file not in self._maps:
-            self._maps[t.file] = np.memmap(self.directory / t.file, dtype=np.uint8, mode="r")
+            with open(self.directory / t.file, "rb") as f:
+                mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            self._maps[t.file] = (mapping, np.frombuffer(mapping, np.uint8))
         start = self._data_start[t.file]
-        raw = self._maps[t.file][start + t.begin:start + t.end]
+        raw = self._maps[t.file][1][start + t.begin:start + t.end]
         return raw.view(DTYPES[t.dtype]).reshape(t.shape)
 
+    def release(self, array: np.ndarray | None = None) -> None:
+        """Drop the mapped pages under `array` (a view from `read`, transposed or not; None: every mapped page)
+        from this process's resident memory. The views stay valid: reading them again maps the pages back in.
+        Anything that is not a view of this checkpoint is ignored."""
+        advice, page = getattr(mmap, "MADV_DONTNEED", None), mmap.PAGESIZE
+        if advice is None:  # no madvise on this platform: the pages go when the mapping does (`close`)
+            return
+        for mapping, whole in self._maps.values():
+            base, size = whole.ctypes.data, whole.size
+            if array is None:
+                low, high = base, base + size
+            else:
+                low, high = np.lib.array_utils.byte_bounds(array)
+                if not base <= low < base + size:
+                    continue
+            start = (low - base) // page * page
+            end = min(size, -(-(high - base) // page) * page)
+            if end > start:
+                mapping.madvise(advice, start, end - start)
+
     def close(self):
-        self._maps.clear()
+        self._maps.clear()  # each mapping closes when the last view of it is gone
 
 
 TensorSpec = tuple[str, str, tuple[int, ...]]  # (name, safetensors dtype, shape)

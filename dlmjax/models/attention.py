@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas.masks import Bd3Training, BlockCausal, Causal, Full, Mask
+from kernels_pallas.ranges import slot_mask
 
 
 # "xla": dense einsum + softmax. "pallas": `kernels_pallas.block_attention` with impl "auto" (the Mosaic kernel on
@@ -83,14 +84,24 @@ def attention(
     return out.reshape(b, lq, h, dh).astype(q.dtype)
 
 
-def attend_with_cache(q, k, v, *, mask, key_mask, dense_mask, impl, cache_k=None, cache_v=None, segment_ids=None):
-    """Attention of a chunk, optionally after a KV-cache prefix; shared by every block that supports a cache.
+def attend_with_cache(q, k, v, *, mask, key_mask, dense_mask, impl, cache_k=None, cache_v=None, cache_mask=None,
+                      cache_ranges=None, segment_ids=None):
+    """Attention of a chunk, optionally after a KV cache; shared by every block that supports a cache.
 
-    Without `cache_k/v` it is `attention(q, k, v, ...)` and returns `(out, None)`. With them ([B, S, Hkv, Dh])
-    the keys and values are `[all S cache slots ; this chunk]` (which cache slots are valid is in
-    `dense_mask` [B, n, S + n]) and it returns `(out, (k, v))`, the chunk's K/V for the caller to write back.
-    The cache is never copied: scores against the cache and against the chunk are computed separately and share
-    one softmax (concatenating K/V would copy the whole cache in every layer of every sampling step).
+    Without `cache_k/v` it is `attention(q, k, v, ...)` and returns `(out, None)`. With them ([B, S, Hkv, Dh]) the
+    keys are `[the visible cache slots ; this chunk]` and it returns `(out, (k, v))`, the chunk's K/V for the caller
+    to write back. Then:
+      key_mask: bool[B, n], the chunk's padding keys (None: all real); dense_mask: bool[B or 1, n, n], the
+        structure inside the chunk (None: bidirectional).
+      cache_mask: bool[B, S], slots holding a real key (the cache's `key_mask`).
+      cache_ranges: int32[B, R, 2] or None, the half-open slot ranges each row sees (`kernels_pallas.ranges`).
+    A cache slot is visible iff `cache_mask` and (if given) a range say so.
+
+    With `impl` a kernel, `cache_ranges` given and no `dense_mask`, the ranges alone describe the cache (they must
+    cover real keys only) and `kernels_pallas.cached_attention` reads only the tiles they touch; R = 0 reads no
+    cache at all (the chunk's own attention, `attention`). Any other call takes the dense path below: the cache is
+    never copied, scores against the cache and against the chunk are computed separately and share one softmax
+    (concatenating K/V would copy the whole cache in every layer of every sampling step).
     """
     if cache_k is None:
         return attention(q, k, v, mask=mask, key_mask=key_mask, dense_mask=dense_mask, segment_ids=segment_ids,
@@ -99,22 +110,37 @@ def attend_with_cache(q, k, v, *, mask, key_mask, dense_mask, impl, cache_k=None
         raise ValueError("segment_ids (packed training rows) cannot be combined with a KV cache")
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl={impl!r} is not available; choose one of {ATTENTION_IMPLS}")
+    if not isinstance(mask, Full):
+        raise ValueError(f"a cached attention call takes its structure from dense_mask; mask={mask!r}")
+    k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
+    if impl != "xla" and cache_ranges is not None:
+        if cache_ranges.shape[1] == 0:  # no cache slot is seen: the chunk's own attention (a first, writing pass)
+            return attention(q, k, v, key_mask=key_mask, dense_mask=dense_mask, impl=impl), (k, v)
+        if dense_mask is None:
+            import kernels_pallas  # noqa: PLC0415
+
+            interpret = impl == "pallas_interpret"
+            out = kernels_pallas.cached_attention(q, cache_k, cache_v, k, v, cache_ranges, block_key_mask=key_mask,
+                                                  impl="triton" if interpret else "auto", interpret=interpret or None)
+            return out, (k, v)
     b, lq, h, dh = q.shape
     slots, hkv = cache_k.shape[1], cache_k.shape[2]
     qg = (q * (1.0 / np.sqrt(dh)).astype(q.dtype)).reshape(b, lq, hkv, h // hkv, dh)
-    k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
-    scores = jnp.concatenate([
-        jnp.einsum("bqhgd,bkhd->bhgqk", qg, cache_k, preferred_element_type=jnp.float32),
-        jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)], axis=-1)
-    allowed = jnp.ones((1, 1, 1, lq, slots + lq), bool)
+    scores_cache = jnp.einsum("bqhgd,bkhd->bhgqk", qg, cache_k, preferred_element_type=jnp.float32)
+    scores_chunk = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32)
+    seen = jnp.ones((b, slots), bool) if cache_mask is None else cache_mask.astype(bool)
+    if cache_ranges is not None:
+        seen = seen & slot_mask(cache_ranges, slots)
+    allowed = jnp.ones((1, lq, lq), bool) if dense_mask is None else dense_mask
     if key_mask is not None:
-        allowed = allowed & jnp.concatenate([jnp.ones((b, slots), bool), key_mask], axis=1)[:, None, None, None, :]
-    if dense_mask is not None:
-        allowed = allowed & dense_mask[:, None, None]
-    if not isinstance(mask, Full):
-        raise ValueError(f"a cached attention call takes its structure from dense_mask; mask={mask!r}")
-    scores = jnp.where(allowed, scores, jnp.finfo(jnp.float32).min)
+        allowed = allowed & key_mask[:, None, :]
+    # where(), never a -inf bias: a hidden slot may hold anything, NaN included.
+    low = jnp.finfo(jnp.float32).min
+    scores = jnp.concatenate([jnp.where(seen[:, None, None, None, :], scores_cache, low),
+                              jnp.where(allowed[:, None, None], scores_chunk, low)], axis=-1)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    # A hidden slot's probability is 0, but 0 * NaN = NaN: its value is zeroed too.
+    cache_v = jnp.where(seen[:, :, None, None], cache_v, 0)
     out = (jnp.einsum("bhgqk,bkhd->bqhgd", probs[..., :slots], cache_v, preferred_element_type=jnp.float32)
            + jnp.einsum("bhgqk,bkhd->bqhgd", probs[..., slots:], v, preferred_element_type=jnp.float32))
     return out.reshape(b, lq, h, dh).astype(q.dtype), (k, v)

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from dlmjax.config import ConfigError, ModelConfig
 from dlmjax.models.attention import Full, Mask, attend_with_cache
 from dlmjax.models.layers import DTYPES, Dense, apply_rotary, dense_init, rotary_tables
-from dlmjax.models.transformer import _check_cached_call, _write_cache
+from dlmjax.models.transformer import _write_cache, check_cache_arguments
 
 BATCH_LENGTH_EMBED = ("batch", "length", "embed")
 # Sinusoidal features of sigma (`TimestepEmbedder.frequency_embedding_size`) and their period.
@@ -173,7 +173,8 @@ class DiTBlock(nn.Module):
     mask: Mask = Full()
 
     @nn.compact
-    def __call__(self, x, c, cos, sin, key_mask, dense_mask, cache_k=None, cache_v=None, segment_ids=None):
+    def __call__(self, x, c, cos, sin, key_mask, dense_mask, cache_k=None, cache_v=None, segment_ids=None,
+                 cache_mask=None, cache_ranges=None):
         """x float32 [B, n, D], c [B, C] or None -> (x, None), or with `cache_k/v` -> (x, (k, v) of the chunk)."""
         cfg = self.config
         dtype, pdt = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
@@ -194,7 +195,7 @@ class DiTBlock(nn.Module):
         k = nn.with_logical_constraint(apply_rotary(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         a, chunk_kv = attend_with_cache(q, k, v, mask=self.mask, key_mask=key_mask, dense_mask=dense_mask,
                                         impl=cfg.attention_impl, cache_k=cache_k, cache_v=cache_v,
-                                        segment_ids=segment_ids)
+                                        cache_mask=cache_mask, cache_ranges=cache_ranges, segment_ids=segment_ids)
         a = Dense(d, ("heads", "embed"), cfg.init_std, dtype, pdt, name="attn_out")(a.reshape(b, length, -1))
         # The residual stream stays float32 (the reference adds bf16 branches to its float32 embedding stream).
         x = x + (gate_msa * a if cfg.adaln else a).astype(jnp.float32)
@@ -239,10 +240,11 @@ class DiT(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, *, positions=None, key_mask=None, dense_mask=None, cache=None, update_cache=False,
-                 sigma=None, segment_ids=None):
+                 sigma=None, segment_ids=None, cache_ranges=None):
         """
         Args:
-          tokens, positions, key_mask, dense_mask, cache, update_cache, segment_ids: as `Transformer.__call__`.
+          tokens, positions, key_mask, dense_mask, cache, update_cache, segment_ids, cache_ranges: as
+            `Transformer.__call__`.
           sigma: float[B] noise level fed to the adaLN conditioning, used as given; None means zeros, which is
             what the reference feeds when time conditioning is off. A `time_conditioning=True` model refuses None
             (outside initialisation) rather than silently conditioning on 0.
@@ -253,10 +255,8 @@ class DiT(nn.Module):
         check_dit_config(cfg)
         pdt = DTYPES[cfg.param_dtype]
         b, length = tokens.shape
-        if cache is not None or update_cache:
-            _check_cached_call(self.mask, cfg, cache, positions, b, length, update_cache)
-            if segment_ids is not None:
-                raise ValueError("segment_ids (packed training rows) cannot be combined with a KV cache")
+        check_cache_arguments(self.mask, cfg, cache=cache, positions=positions, batch=b, length=length,
+                              update_cache=update_cache, cache_ranges=cache_ranges, segment_ids=segment_ids)
 
         x = Embedding(cfg.vocab_size, cfg.d_model, cfg.init_std, pdt, name="vocab_embed")(tokens)
         x = nn.with_logical_constraint(x, BATCH_LENGTH_EMBED)
@@ -284,11 +284,11 @@ class DiT(nn.Module):
                 x, _ = block_cls(cfg, self.mask, name=f"blocks_{i}")(x, c, cos, sin, key_mask, dense_mask, None, None,
                                                                      segment_ids)
         else:
-            cached_mask = _cached_attention_mask(cache, key_mask, dense_mask, b, length)
             chunk_kv = []
             for i in range(cfg.n_layers):
                 x, kv = block_cls(cfg, self.mask, name=f"blocks_{i}")(
-                    x, c, cos, sin, None, cached_mask, cache["k"][i], cache["v"][i])
+                    x, c, cos, sin, key_mask, dense_mask, cache["k"][i], cache["v"][i], None, cache["key_mask"],
+                    cache_ranges)
                 chunk_kv.append(kv)
 
         logits = OutputLayer(cfg, name="output_layer")(x, c)
@@ -300,12 +300,3 @@ class DiT(nn.Module):
                                  key_mask)
         return logits, cache
 
-
-def _cached_attention_mask(cache, key_mask, dense_mask, batch: int, length: int):
-    """bool[B, n, S + n]: the valid cache slots (cache["key_mask"]), then the chunk under key_mask & dense_mask."""
-    chunk_mask = jnp.ones((1, length, length), bool) if dense_mask is None else dense_mask
-    if key_mask is not None:
-        chunk_mask = chunk_mask & key_mask[:, None, :]
-    slots = cache["key_mask"].shape[1]
-    prefix_mask = jnp.broadcast_to(cache["key_mask"][:, None, :], (batch, length, slots))
-    return jnp.concatenate([prefix_mask, jnp.broadcast_to(chunk_mask, (batch, length, length))], axis=-1)

@@ -16,7 +16,9 @@ KV cache (block diffusion): `Transformer(...)(chunk, positions=..., cache=...)` 
 chunk of `n` slots against the valid entries of a cache plus the chunk itself and returns `(logits, cache)`. With
 `update_cache=True` (PREFILL / COMMIT) the chunk's per-layer K/V are written at `[index, index + n)`; without it
 (DENOISE) the cache is returned untouched. K is stored after RoPE: positions are absolute, so a cached key never
-needs re-rotating. Without `cache` the call is exactly the uncached forward it always was.
+needs re-rotating. Without `cache` the call is exactly the uncached forward it always was. Which cache slots a
+chunk sees can also come as per-row slot ranges (`cache_ranges`), which is what lets `attention_impl=pallas` run
+the cache kernel (`kernels_pallas.cached_attention`) instead of the dense path.
 """
 from __future__ import annotations
 
@@ -38,8 +40,12 @@ class Block(nn.Module):
     mask: Mask = Full()
 
     @nn.compact
-    def __call__(self, x, cos, sin, key_mask, dense_mask, cache_k=None, cache_v=None, segment_ids=None):
-        """x [B, n, D] -> (x, None), or with `cache_k/v` [B, S, Hkv, Dh] -> (x, (k, v) of the chunk [B, n, Hkv, Dh])."""
+    def __call__(self, x, cos, sin, key_mask, dense_mask, cache_k=None, cache_v=None, segment_ids=None,
+                 cache_mask=None, cache_ranges=None):
+        """x [B, n, D] -> (x, None), or with `cache_k/v` [B, S, Hkv, Dh] -> (x, (k, v) of the chunk [B, n, Hkv, Dh]).
+
+        With a cache, key_mask/dense_mask describe the chunk and cache_mask/cache_ranges the cache (see
+        `attend_with_cache`)."""
         cfg = self.config
         dtype, pdt = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         b, length, _ = x.shape
@@ -59,7 +65,7 @@ class Block(nn.Module):
         k = nn.with_logical_constraint(apply_rotary(k, cos, sin), ("batch", "length", "kv_heads", "head_dim"))
         a, chunk_kv = attend_with_cache(q, k, v, mask=self.mask, key_mask=key_mask, dense_mask=dense_mask,
                                         impl=cfg.attention_impl, cache_k=cache_k, cache_v=cache_v,
-                                        segment_ids=segment_ids)
+                                        cache_mask=cache_mask, cache_ranges=cache_ranges, segment_ids=segment_ids)
         a = proj("attn_out", cfg.d_model, ("heads", "embed"), out_std)(a.reshape(b, length, -1))
         x = nn.with_logical_constraint(x + a.astype(x.dtype), BATCH_LENGTH_EMBED)
 
@@ -81,7 +87,7 @@ class Transformer(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, *, positions=None, key_mask=None, dense_mask=None, cache=None, update_cache=False,
-                 segment_ids=None):
+                 segment_ids=None, cache_ranges=None):
         """
         Args:
           tokens: int32 [B, L].
@@ -91,23 +97,28 @@ class Transformer(nn.Module):
           dense_mask: bool [B or 1, L, L], an arbitrary extra attention mask. With `cache` it is the mask inside
             the chunk (default: bidirectional, BD3's M_BC / M_BD pattern for one block).
           cache: None, or a KV cache from `init_cache` holding `S` slots; the chunk's queries then see the
-            cache slots whose `key_mask` is True plus the chunk itself (under `key_mask` and `dense_mask`).
+            cache slots whose `key_mask` is True (and, if given, inside `cache_ranges`) plus the chunk itself (under
+            `key_mask` and `dense_mask`).
           update_cache: with `cache`, write this chunk's K/V and key_mask at `[index, index + L)` and advance
             `index` by L. The caller keeps `index + L <= S` (the sampler checks it statically): like every
             `dynamic_update_slice`, an out-of-range write would be clamped, not refused.
           segment_ids: int [B, L], packed rows (`dlmjax.data.packing`): a token attends only to tokens of its own
             segment (ANDed into the mask; passed to the kernels on the pallas path). Pass the per-document
             `positions` with it. Uncached calls only.
+          cache_ranges: with `cache`, int32[B, R, 2]: per row, R half-open slot ranges `[lo, hi)` it may see
+            (`kernels_pallas.ranges`: e.g. `[[pad, block_start), [block_end, end)]` for a dual cache). The dense path
+            ANDs them with the cache's `key_mask`; with `model.attention_impl=pallas*` and no `dense_mask` they are
+            the whole description (they must then cover real keys only) and the cache kernel reads only the tiles
+            they touch, never an [B, L, S] mask. R = 0: no cache slot is seen (a first pass that only writes).
+            None: the cache's `key_mask` alone, on the dense path.
         Returns:
           logits float32 [B, L, V]; with `cache`, the pair (logits, cache).
         """
         cfg = self.config
         dtype, pdt = DTYPES[cfg.dtype], DTYPES[cfg.param_dtype]
         b, length = tokens.shape
-        if cache is not None or update_cache:
-            _check_cached_call(self.mask, cfg, cache, positions, b, length, update_cache)
-            if segment_ids is not None:
-                raise ValueError("segment_ids (packed training rows) cannot be combined with a KV cache")
+        check_cache_arguments(self.mask, cfg, cache=cache, positions=positions, batch=b, length=length,
+                              update_cache=update_cache, cache_ranges=cache_ranges, segment_ids=segment_ids)
         wte = self.param("wte", nn.with_logical_partitioning(dense_init(cfg.init_std), ("vocab", "embed")),
                          (cfg.vocab_size, cfg.d_model), pdt)
         x = jnp.take(wte, tokens, axis=0).astype(dtype)
@@ -120,14 +131,6 @@ class Transformer(nn.Module):
         block_cls = Block
         if cfg.remat:
             block_cls = nn.remat(block_cls, prevent_cse=not cfg.scan_layers)
-        if cache is not None:
-            # The cached prefix is one more key segment: its validity per row is cache["key_mask"].
-            chunk_mask = jnp.ones((1, length, length), bool) if dense_mask is None else dense_mask
-            if key_mask is not None:
-                chunk_mask = chunk_mask & key_mask[:, None, :]
-            prefix_mask = jnp.broadcast_to(cache["key_mask"][:, None, :], (b, length, cache["key_mask"].shape[1]))
-            chunk_mask = jnp.broadcast_to(chunk_mask, (b, length, length))
-            cached_mask = jnp.concatenate([prefix_mask, chunk_mask], axis=-1)  # [B, L, S + L]
         if cfg.scan_layers and cache is None:
             # One traced block for all layers: compile time independent of depth; params stacked on "layers".
             stack = nn.scan(block_cls, variable_axes={"params": 0, "intermediates": 0},
@@ -138,10 +141,11 @@ class Transformer(nn.Module):
             # Same stacked params; the cache's leading "layers" axis is scanned alongside them.
             stack = nn.scan(block_cls, variable_axes={"params": 0, "intermediates": 0},
                             split_rngs={"params": True}, length=cfg.n_layers,
-                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0),
+                            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0, 0, nn.broadcast,
+                                     nn.broadcast, nn.broadcast),
                             metadata_params={nn.PARTITION_NAME: "layers"})
             x, (chunk_k, chunk_v) = stack(cfg, self.mask, name="blocks")(
-                x, cos, sin, None, cached_mask, cache["k"], cache["v"])
+                x, cos, sin, key_mask, dense_mask, cache["k"], cache["v"], None, cache["key_mask"], cache_ranges)
         elif cache is None:
             for i in range(cfg.n_layers):
                 x, _ = block_cls(cfg, self.mask, name=f"blocks_{i}")(x, cos, sin, key_mask, dense_mask, None, None,
@@ -150,7 +154,8 @@ class Transformer(nn.Module):
             chunk_kv = []
             for i in range(cfg.n_layers):
                 x, kv = block_cls(cfg, self.mask, name=f"blocks_{i}")(
-                    x, cos, sin, None, cached_mask, cache["k"][i], cache["v"][i])
+                    x, cos, sin, key_mask, dense_mask, cache["k"][i], cache["v"][i], None, cache["key_mask"],
+                    cache_ranges)
                 chunk_kv.append(kv)
             chunk_k = jnp.stack([k for k, _ in chunk_kv])
             chunk_v = jnp.stack([v for _, v in chunk_kv])
@@ -186,9 +191,16 @@ def init_cache(config: ModelConfig, batch: int, length: int):
             "key_mask": jnp.zeros((batch, length), bool)}
 
 
-def _check_cached_call(mask: Mask, config: ModelConfig, cache, positions, batch: int, length: int,
-                       update_cache: bool) -> None:
-    """Static checks of a cached call, so a mistake fails with a message instead of inside an einsum."""
+def check_cache_arguments(mask: Mask, config: ModelConfig, *, cache, positions, batch: int, length: int,
+                          update_cache: bool, cache_ranges, segment_ids) -> None:
+    """Static checks of a call's cache arguments (every backbone with a KV cache), so a mistake fails with a
+    message instead of inside an einsum. An uncached call passes with `cache_ranges` None."""
+    if cache is None and not update_cache:
+        if cache_ranges is not None:
+            raise ValueError("cache_ranges says which cache slots a cached call sees; it needs cache=...")
+        return
+    if segment_ids is not None:
+        raise ValueError("segment_ids (packed training rows) cannot be combined with a KV cache")
     if cache is None:
         raise ValueError("update_cache=True needs a cache; build one with init_cache(config, batch, slots)")
     if positions is None:
@@ -206,6 +218,10 @@ def _check_cached_call(mask: Mask, config: ModelConfig, cache, positions, batch:
                          f"got {list(cache['k'].shape)}; build it with init_cache(config, batch, slots)")
     if update_cache and length > slots:
         raise ValueError(f"a chunk of {length} slots cannot fit a cache of {slots} slots; use a larger cache")
+    if cache_ranges is not None and (cache_ranges.ndim != 3 or cache_ranges.shape[::2] != (batch, 2)
+                                     or not jnp.issubdtype(cache_ranges.dtype, jnp.integer)):
+        raise ValueError(f"cache_ranges must be int [batch={batch}, R, 2] half-open slot ranges (lo, hi) per row, "
+                         f"got {cache_ranges.dtype}{list(cache_ranges.shape)}")
 
 
 def _write_cache(cache, chunk_k, chunk_v, key_mask):

@@ -8,14 +8,16 @@ it: prompt + generation (+ suffix), without padding.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
 
 from dlmjax.config import ModelConfig
 from dlmjax.errors import SettingsError
+from dlmjax.sampling import stream
 from dlmjax.sampling.block import generate_blocks
 from dlmjax.sampling.denoiser import Denoiser
 from dlmjax.sampling.masked import generate_masked
@@ -122,9 +124,18 @@ def _pack(rows: list[list[int]], width: int, pad: int, left: bool) -> tuple[np.n
     return tokens, mask
 
 
+def _watching(on_block, spans):
+    """`stream.observing` of `on_block(block, rows)`, rows as `Generation.rows` gives them (no padding)."""
+    if on_block is None:
+        return contextlib.nullcontext()
+    return stream.observing(lambda block, canvas: on_block(block, [canvas[i, a:b].tolist()
+                                                                   for i, (a, _, _, b) in enumerate(spans)]))
+
+
 def generate(model, params, prompt_ids, settings: SamplerSettings | BlockSamplerSettings,
              rng: jax.Array | None = None, *, suffix_ids: Sequence[Sequence[int]] | None = None,
-             bucket: int = DEFAULT_BUCKET) -> Generation:
+             bucket: int = DEFAULT_BUCKET,
+             on_block: Callable[[int, list[list[int]]], None] | None = None) -> Generation:
     """Samples after each prompt row: `settings.gen_length` tokens (masked sampler, before each suffix if given:
     infilling), or up to `settings.max_length` slots per row (block sampler).
 
@@ -138,6 +149,9 @@ def generate(model, params, prompt_ids, settings: SamplerSettings | BlockSampler
         middle.
       bucket: prompt (and suffix) widths are rounded up to a multiple of this, so one compiled program serves
         every prompt length in a bucket.
+      on_block: called on the host after every finished block with (block index, each row's prompt + canvas,
+        the mask id where nothing is committed yet), in order, while the sampler runs (`dlmjax chat` prints
+        with it). The sampler compiles once with it on, whatever the function.
 
     Raises:
       SettingsError: a prompt or suffix id outside the vocabulary, negative, or the mask id; prompts that do not
@@ -169,8 +183,11 @@ def generate(model, params, prompt_ids, settings: SamplerSettings | BlockSampler
         # A row's generation does not depend on the width (rows are moved to the left): only the compile does.
         width = min(bucket_width(longest, bucket), total - 1)
         prompt, prompt_mask = _pack(rows, width, tokens.fill_id(), left=True)
-        out, nfe = generate_blocks(denoiser, params, prompt, settings, rng, prompt_mask=prompt_mask)
         spans = tuple((0, n, total, total) for n in lengths)
+        with _watching(on_block, spans):
+            out, nfe = generate_blocks(denoiser, params, prompt, settings, rng, prompt_mask=prompt_mask,
+                                       observe=on_block is not None)
+            out = np.asarray(out)  # the callbacks have all run once the result is here
         return Generation(tokens=np.asarray(out), nfe=int(nfe), prompt_lengths=lengths,
                           suffix_lengths=(0,) * len(rows), width=width, gen_length=total - longest, spans=spans)
 
@@ -196,8 +213,11 @@ def generate(model, params, prompt_ids, settings: SamplerSettings | BlockSampler
                             f"{longest + config.max_seq_len - room} exceeds the model's context "
                             f"model.max_seq_len={config.max_seq_len}", field="gen_length")
     prompt, prompt_mask = _pack(rows, width, tokens.fill_id(), left=True)
-    out, nfe = generate_masked(denoiser, params, prompt, settings, rng, prompt_mask=prompt_mask, **kwargs)
     spans = tuple((width - n, width, width + gen, width + gen + m) for n, m in zip(lengths, suffix_lengths))
+    with _watching(on_block, spans):
+        out, nfe = generate_masked(denoiser, params, prompt, settings, rng, prompt_mask=prompt_mask,
+                                   observe=on_block is not None, **kwargs)
+        out = np.asarray(out)  # the callbacks have all run once the result is here
     return Generation(tokens=np.asarray(out), nfe=int(nfe), prompt_lengths=lengths, suffix_lengths=suffix_lengths,
                       width=width, gen_length=gen, spans=spans)
 

@@ -23,6 +23,8 @@ no denoising steps.
     COMMIT: one forward of the finished clean block that writes its K/V (bidirectional inside the block, and the
       cache before it). Skipped after the last block and once every row is done.
   With a single block (`block_length == max_length`, MDLM) there is nothing to cache and it runs the twin.
+  DENOISE and COMMIT see the cache as one slot range per row, [0, index): with `model.attention_impl=pallas` the
+  cache kernel reads only those tiles (`kernels_pallas.cached_attention`).
 `generate_blocks_uncached` (the slow twin): every step runs the whole canvas `[B, T]` under the block-causal mask,
 which is BD3's mask restricted to what exists: the noisy block sees the clean prefix and itself, and no query
 that is read sees a later block. The canvas is the full length (not the growing prefix) because a while loop
@@ -46,6 +48,7 @@ import jax.numpy as jnp
 
 from dlmjax.errors import SettingsError
 from dlmjax.models.attention import BlockCausal
+from dlmjax.sampling import stream
 from dlmjax.sampling.denoiser import Denoiser
 from dlmjax.sampling.layout import check_request, mask_like
 from dlmjax.sampling.proposals import step_keys
@@ -93,7 +96,7 @@ def block_update(logits: jax.Array, block: jax.Array, settings: BlockSamplerSett
 
 
 def _sample_blocks(settings: BlockSamplerSettings, canvas, first_block, rng, model_state, nfe,
-                   block_logits: Callable, commit_block: Callable):
+                   block_logits: Callable, commit_block: Callable, observe: bool = False):
     """The outer loop over blocks and the inner loop over steps, shared by the cached and uncached samplers.
 
     Args:
@@ -141,6 +144,8 @@ def _sample_blocks(settings: BlockSamplerSettings, canvas, first_block, rng, mod
         # The last block, and any block after which every row is done, is never read again.
         skip = (c.block == s.num_blocks - 1) | jnp.all(done)
         model_state, commit_nfe = commit_block(c.model_state, block, c.block, skip)
+        if observe:
+            stream.block_done(c.block, canvas)
         return BlocksCarry(block=c.block + 1, canvas=canvas, model_state=model_state, done=done, rng=d.rng,
                            nfe=c.nfe + d.step + commit_nfe)
 
@@ -211,9 +216,9 @@ def _positions(batch: int, start, length: int):
     return jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
 
 
-@functools.partial(jax.jit, static_argnames=("denoiser", "settings"))
+@functools.partial(jax.jit, static_argnames=("denoiser", "settings", "observe"))
 def generate_blocks(denoiser: Denoiser, params: Any, prompt: jax.Array, settings: BlockSamplerSettings,
-                    rng: jax.Array, *, prompt_mask: jax.Array | None = None):
+                    rng: jax.Array, *, prompt_mask: jax.Array | None = None, observe: bool = False):
     """Block-diffusion sampling with a KV cache of the prompt and the committed blocks.
 
     Compiled once per (denoiser, settings, prompt shape, prompt_mask given or not); params, prompt values, the
@@ -226,6 +231,7 @@ def generate_blocks(denoiser: Denoiser, params: Any, prompt: jax.Array, settings
       settings: static `BlockSamplerSettings`.
       rng: PRNG key; consumed when `temperature > 0` or `remasking == "random"`.
       prompt_mask: bool[B, W], True on real prompt tokens; default all True.
+      observe: static; hand the canvas to the host after every finished block (`dlmjax.sampling.stream`).
 
     Returns:
       tokens: int32[B, T]: row i is its prompt (`n_i` tokens, padding removed) followed by its `T - n_i`
@@ -236,7 +242,8 @@ def generate_blocks(denoiser: Denoiser, params: Any, prompt: jax.Array, settings
     if settings.num_blocks == 1:
         # One block (MDLM): nothing is ever cached, so the plain forward over the row is the same program with
         # less work (no empty cache segment in every attention call).
-        return generate_blocks_uncached(denoiser, params, prompt, settings, rng, prompt_mask=prompt_mask)
+        return generate_blocks_uncached(denoiser, params, prompt, settings, rng, prompt_mask=prompt_mask,
+                                        observe=observe)
     canvas, lengths = _layout(denoiser, prompt, prompt_mask, settings)
     batch = canvas.shape[0]
     length = settings.block_length
@@ -251,7 +258,8 @@ def generate_blocks(denoiser: Denoiser, params: Any, prompt: jax.Array, settings
             # Block-causal inside the prompt: exactly what BD3 training's clean half sees.
             _, cache = denoiser.forward_cached(
                 params, canvas[:, :prefill], positions=_positions(batch, 0, prefill), cache=cache,
-                dense_mask=BlockCausal(length).dense(prefill, prefill)[None], update_cache=True)
+                dense_mask=BlockCausal(length).dense(prefill, prefill)[None], update_cache=True,
+                cache_ranges=jnp.zeros((batch, 0, 2), jnp.int32))  # the cache is empty: nothing to read
             return cache
 
         # Padding past the longest prompt would otherwise cost a pass that no row reads.
@@ -263,27 +271,31 @@ def generate_blocks(denoiser: Denoiser, params: Any, prompt: jax.Array, settings
         cache = dict(cache, index=index,
                      key_mask=jnp.broadcast_to(jnp.arange(slots) < index, cache["key_mask"].shape))
 
+    def prefix(cache):
+        """int32[B, 1, 2]: a block sees the cache slots [0, index) (rows are left-aligned: no padding)."""
+        return jnp.broadcast_to(jnp.stack([jnp.int32(0), cache["index"]]), (batch, 1, 2))
+
     def block_logits(cache, canvas, block, b):
         del canvas  # the cache holds everything before the block
         logits, _ = denoiser.forward_cached(params, block, positions=_positions(batch, b * length, length),
-                                            cache=cache)
+                                            cache=cache, cache_ranges=prefix(cache))
         return logits
 
     def commit_block(cache, block, b, skip):
         def write(cache):
             _, cache = denoiser.forward_cached(params, block, positions=_positions(batch, b * length, length),
-                                               cache=cache, update_cache=True)
+                                               cache=cache, update_cache=True, cache_ranges=prefix(cache))
             return cache
 
         cache = jax.lax.cond(skip, lambda cache: cache, write, cache)
         return cache, jnp.where(skip, 0, 1).astype(jnp.int32)
 
-    return _sample_blocks(settings, canvas, first_block, rng, cache, nfe, block_logits, commit_block)
+    return _sample_blocks(settings, canvas, first_block, rng, cache, nfe, block_logits, commit_block, observe)
 
 
-@functools.partial(jax.jit, static_argnames=("denoiser", "settings"))
+@functools.partial(jax.jit, static_argnames=("denoiser", "settings", "observe"))
 def generate_blocks_uncached(denoiser: Denoiser, params: Any, prompt: jax.Array, settings: BlockSamplerSettings,
-                             rng: jax.Array, *, prompt_mask: jax.Array | None = None):
+                             rng: jax.Array, *, prompt_mask: jax.Array | None = None, observe: bool = False):
     """The slow twin of `generate_blocks`: no cache, the whole canvas recomputed at every step.
 
     Same arguments and the same tokens for the same rng. Returns (tokens int32[B, T], nfe int32) with
@@ -301,7 +313,8 @@ def generate_blocks_uncached(denoiser: Denoiser, params: Any, prompt: jax.Array,
     def commit_block(state, block, b, skip):
         return state, jnp.int32(0)  # the finished block is in the canvas, which every step reads whole
 
-    return _sample_blocks(settings, canvas, first_block, rng, None, jnp.int32(0), block_logits, commit_block)
+    return _sample_blocks(settings, canvas, first_block, rng, None, jnp.int32(0), block_logits, commit_block,
+                          observe)
 
 
 __all__ = ["BlocksCarry", "DenoiseCarry", "block_update", "generate_blocks", "generate_blocks_uncached"]

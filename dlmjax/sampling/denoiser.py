@@ -48,15 +48,17 @@ class Denoiser:
         return init_cache(self.config, batch, length)
 
     def forward_cached(self, params, tokens, *, positions, key_mask=None, cache, update_cache=False,
-                       dense_mask=None):
+                       dense_mask=None, cache_ranges=None):
         """A chunk against the valid cache slots -> (raw logits [B, n, V], cache).
 
+        `cache_ranges` int32[B, R, 2]: the half-open slot ranges each row sees (see `Transformer.__call__`); the
+        samplers always pass them, so that with `model.attention_impl=pallas` the cache kernel runs.
         The logits are raw (for Dream, row j predicts slot j + 1): a chunk does not hold the slot before it, so
         the caller forwards `lead` extra slots in front of what it wants predicted.
         """
         return build_model(self.config, self.mask).apply(
             {"params": params}, tokens, positions=positions, key_mask=key_mask, cache=cache,
-            update_cache=update_cache, dense_mask=dense_mask)
+            update_cache=update_cache, dense_mask=dense_mask, cache_ranges=cache_ranges)
 
 
 __all__ = ["Denoiser"]

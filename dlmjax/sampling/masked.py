@@ -12,6 +12,10 @@ piece a strategy of the settings:
     settings.cache (block logits) -> settings.proposal (proposal + confidence) -> eligible = the block's masked slots
       -> settings.rule (which slots commit) -> commit
 
+Cached steps (Fast-dLLM's prefix and dual caches, `dlmjax.sampling.cache`) tell the model which cache slots a row
+sees as per-row slot ranges (`ModelCalls.chunk`), never a dense [B, n, S] mask: with `model.attention_impl=pallas`
+the cache kernel (`kernels_pallas.cached_attention`) then reads only the cache tiles inside them.
+
 Rows are independent: prompts of different lengths are left-padded with a key mask that reaches attention, and
 rotary positions count real tokens only (a padded row computes exactly what the unpadded row computes); each row
 has its own transfer counts (Dream floors a batch average instead, the same number whenever rows have equal mask
@@ -38,6 +42,7 @@ import numpy as np
 from dlmjax.errors import SettingsError
 from dlmjax.models.transformer import padded_positions
 from dlmjax.sampling.layout import check_request, mask_like
+from dlmjax.sampling import stream
 from dlmjax.sampling.proposals import step_keys
 from dlmjax.sampling.settings import SamplerSettings
 
@@ -80,6 +85,7 @@ class ModelCalls:
         self.positions = padded_positions(key_mask)
         self.given = canvas0 != self.mask_id  # what the unconditional copy masks: prompt and suffix
         self.lead = getattr(denoiser, "lead", 0)
+        self.span = _real_span(key_mask)
 
     def _double(self, tokens, start=0):
         given = jax.lax.dynamic_slice_in_dim(self.given, start, tokens.shape[1], axis=1)
@@ -94,22 +100,32 @@ class ModelCalls:
     def full_with_cache(self, canvas):
         """A block's first pass: the whole canvas with every slot's K/V kept -> (aligned logits [B, N, V], kv)."""
         batch, length = canvas.shape
-        kv = self.denoiser.init_cache(self.guidance.rows(batch), length)
+        rows = self.guidance.rows(batch)
+        kv = self.denoiser.init_cache(rows, length)
         twice = self.guidance.twice
+        # The cache is empty: no range (R = 0), so no attention implementation reads it.
         raw, kv = self.denoiser.forward_cached(self.params, self._double(canvas), positions=twice(self.positions),
-                                               key_mask=twice(self.key_mask), cache=kv, update_cache=True)
+                                               key_mask=twice(self.key_mask), cache=kv, update_cache=True,
+                                               cache_ranges=jnp.zeros((rows, 0, 2), jnp.int32))
         return self.denoiser.align(self.guidance.mix(raw)), kv
 
     def chunk(self, canvas, kv, start, length: int, *, hidden_from, hidden_to):
         """Forwards `canvas[:, start:start + length]` against `kv` with the cached slots `[hidden_from, hidden_to)`
-        hidden -> raw logits [B, length, V] (for Dream, row j predicts slot start + j + 1)."""
+        hidden -> raw logits [B, length, V] (for Dream, row j predicts slot start + j + 1).
+
+        What a row sees is two slot ranges around the hidden window, inside its real span:
+        `[span_lo, hidden_from) U [hidden_to, span_hi)` (the second is dropped when it is statically empty, as
+        for the prefix cache); the cache's `key_mask` stays as written."""
         tokens = jax.lax.dynamic_slice_in_dim(canvas, start, length, axis=1)
-        slot = jnp.arange(kv["key_mask"].shape[1])
-        visible = kv["key_mask"] & ~((slot >= hidden_from) & (slot < hidden_to))[None, :]
+        lo, hi = self.span[:, 0], self.span[:, 1]
+        ranges = [jnp.stack([lo, jnp.broadcast_to(hidden_from, lo.shape)], axis=-1)]
+        if not (isinstance(hidden_to, int) and hidden_to >= kv["key_mask"].shape[1]):
+            ranges.append(jnp.stack([jnp.broadcast_to(hidden_to, hi.shape), hi], axis=-1))
+        ranges = jnp.stack(ranges, axis=1).astype(jnp.int32)  # [B, R, 2]
         sliced = lambda x: self.guidance.twice(jax.lax.dynamic_slice_in_dim(x, start, length, axis=1))  # noqa: E731
         raw, _ = self.denoiser.forward_cached(
             self.params, self._double(tokens, start), positions=sliced(self.positions),
-            key_mask=sliced(self.key_mask), cache={**kv, "key_mask": visible}, update_cache=False)
+            key_mask=sliced(self.key_mask), cache=kv, update_cache=False, cache_ranges=self.guidance.twice(ranges))
         return self.guidance.mix(raw)
 
 
@@ -129,10 +145,10 @@ def _canvas(prompt, prompt_mask, suffix, suffix_mask, settings: SamplerSettings)
     return jnp.concatenate(pieces, axis=1), jnp.concatenate(masks, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("denoiser", "settings", "return_history"))
+@functools.partial(jax.jit, static_argnames=("denoiser", "settings", "return_history", "observe"))
 def generate_masked(denoiser, params: Any, prompt: jax.Array, settings: SamplerSettings, rng: jax.Array, *,
                     prompt_mask: jax.Array | None = None, suffix: jax.Array | None = None,
-                    suffix_mask: jax.Array | None = None, return_history: bool = False):
+                    suffix_mask: jax.Array | None = None, return_history: bool = False, observe: bool = False):
     """Generates `settings.gen_length` tokens after each prompt row (and before its `suffix`, if given).
 
     Compiled once per (denoiser, settings, shapes, return_history, which masks are given); params, token values,
@@ -149,6 +165,7 @@ def generate_masked(denoiser, params: Any, prompt: jax.Array, settings: SamplerS
       suffix: int[B, Ls], clean tokens after the generated region (infilling: the generation fills the middle).
         Rows shorter than `Ls` are right-padded with `suffix_mask` False.
       return_history: static debugging switch; also return the canvas after every forward pass.
+      observe: static; hand the canvas to the host after every finished block (`dlmjax.sampling.stream`).
 
     Returns:
       tokens: int32[B, W + G (+ Ls)], the prompt, the generated tokens (and the suffix).
@@ -239,6 +256,8 @@ def generate_masked(denoiser, params: Any, prompt: jax.Array, settings: SamplerS
             # A done row is frozen: its later slots hold pad_id, so no later block has anything to denoise.
             fill = done[:, None] & (generated & (slot >= block_end))[None, :]
             canvas = jnp.where(fill, jnp.int32(s.tokens.pad_id), canvas)
+        if observe:
+            stream.block_done(c.block, canvas)
         return c.replace(block=c.block + 1, canvas=canvas, done=done)
 
     init = BlockCarry(block=jnp.int32(0), canvas=canvas, rng=rng, nfe=jnp.int32(0),
@@ -247,6 +266,20 @@ def generate_masked(denoiser, params: Any, prompt: jax.Array, settings: SamplerS
     if return_history:
         return out.canvas, out.nfe, out.history
     return out.canvas, out.nfe
+
+
+def _real_span(key_mask: jax.Array) -> jax.Array:
+    """int32[B, 2]: per row, [first real slot, last real slot + 1) of the canvas ([0, 0) for a row with none).
+
+    A left-padded prompt and a right-padded suffix leave a row's real slots one run, so this span and a hidden
+    window give a cached step's visible slots as two ranges (a prompt mask with holes inside the span would be
+    seen by the cache kernel; the dense path also applies the key mask itself).
+    """
+    length = key_mask.shape[1]
+    real = key_mask.any(axis=1)
+    first = jnp.argmax(key_mask, axis=1)
+    end = length - jnp.argmax(key_mask[:, ::-1], axis=1)
+    return jnp.stack([jnp.where(real, first, 0), jnp.where(real, end, 0)], axis=-1).astype(jnp.int32)
 
 
 def _check_logits(logits: jax.Array, batch: int, length: int) -> None:

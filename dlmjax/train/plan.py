@@ -47,7 +47,7 @@ class MemoryPlan:
         return self.param_bytes + self.opt_bytes + self.grad_bytes + self.activation_bytes
 
 
-def _per_device(tree, shardings) -> tuple[int, int]:
+def per_device_bytes(tree, shardings) -> tuple[int, int]:
     """(bytes of one device's shards, bytes of the whole arrays) over a tree of ShapeDtypeStructs."""
     local = total = 0
     for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings)):
@@ -103,8 +103,8 @@ def make_plan(cfg: Config, devices: int, platform: str = "tpu", hbm_bytes: int |
     rules = cfg.mesh.rules
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     like, shardings = abstract_train_state(cfg.model, tx, mesh, rules)
-    param_local, param_total = _per_device(like.params, shardings.params)
-    opt_local, opt_total = _per_device(like.opt_state, shardings.opt_state)
+    param_local, param_total = per_device_bytes(like.params, shardings.params)
+    opt_local, opt_total = per_device_bytes(like.opt_state, shardings.opt_state)
     abstract_params, logical = param_specs(cfg.model)
     report = replicated_report(abstract_params, shardings.params, mesh, logical_specs=logical, rules=rules)
     problems = []
@@ -121,11 +121,17 @@ def make_plan(cfg: Config, devices: int, platform: str = "tpu", hbm_bytes: int |
                       hbm_bytes=budget, replicated=tuple(str(r) for r in report), problems=tuple(problems))
     if budget is not None and plan.total_bytes > budget:
         plan = dataclasses.replace(plan, problems=plan.problems + (
-            f"estimated {_fmt(plan.total_bytes)} per device exceeds the {_fmt(budget)} of a {platform} device",))
+            f"estimated {format_bytes(plan.total_bytes)} per device exceeds the {format_bytes(budget)} of a "
+            f"{platform} device",))
     return plan
 
 
-def _fmt(n: float) -> str:
+def budget_note(total: int, hbm: int | None) -> str:
+    """`   of 16.00 GiB (47%)` after a total, or nothing without a budget."""
+    return f"   of {format_bytes(hbm)} ({100 * total / hbm:.0f}%)" if hbm else ""
+
+
+def format_bytes(n: float) -> str:
     for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
         if n >= scale:
             return f"{n / scale:.2f} {unit}"
@@ -147,12 +153,11 @@ def format_plan(plan: MemoryPlan, cfg: Config, platform: str) -> str:
         f"batch: {cfg.data.batch_size} rows x {cfg.data.seq_len} tokens, {plan.rows_per_device} rows per device",
         "",
         f"{'':<22}{'per device':>14}{'unsharded':>14}",
-        f"{'parameters':<22}{_fmt(plan.param_bytes):>14}{_fmt(plan.param_bytes_total):>14}",
-        f"{'optimizer state':<22}{_fmt(plan.opt_bytes):>14}{_fmt(plan.opt_bytes_total):>14}",
-        f"{'gradients':<22}{_fmt(plan.grad_bytes):>14}",
-        f"{'activations (est.)':<22}{_fmt(plan.activation_bytes):>14}",
-        f"{'total':<22}{_fmt(plan.total_bytes):>14}"
-        + (f"   of {_fmt(plan.hbm_bytes)} ({100 * plan.total_bytes / plan.hbm_bytes:.0f}%)" if plan.hbm_bytes else ""),
+        f"{'parameters':<22}{format_bytes(plan.param_bytes):>14}{format_bytes(plan.param_bytes_total):>14}",
+        f"{'optimizer state':<22}{format_bytes(plan.opt_bytes):>14}{format_bytes(plan.opt_bytes_total):>14}",
+        f"{'gradients':<22}{format_bytes(plan.grad_bytes):>14}",
+        f"{'activations (est.)':<22}{format_bytes(plan.activation_bytes):>14}",
+        f"{'total':<22}{format_bytes(plan.total_bytes):>14}" + budget_note(plan.total_bytes, plan.hbm_bytes),
     ]
     lines += [f"warning: {p}" for p in plan.replicated + plan.problems]
     record = {"devices": plan.devices, "platform": platform, "mesh": plan.mesh, "n_params": plan.n_params,
