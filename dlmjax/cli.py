@@ -95,9 +95,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from dlmjax.inference import sample_rows
+    from dlmjax.inference import block_edges, sample_generation
     from dlmjax.text import conversation
 
+    if args.trace is not None and Path(args.trace).exists():
+        raise FileExistsError(17, f"--trace {args.trace} exists; give a new file name (nothing is overwritten)",
+                              args.trace)
     run = _open_run(args)
     if args.prompt_ids is not None:
         rows = _parse_ids(args.prompt_ids)
@@ -105,7 +108,18 @@ def cmd_sample(args) -> int:
         rows = [run.encode_chat(conversation(args.prompt, args.system))]
     else:
         rows = [run.encode(args.prompt)]
-    out, nfe = sample_rows(run, rows, _request(args), seed=args.seed)
+    show = _block_printer(run, rows) if args.trace_text else None
+    result = sample_generation(run, rows, _request(args), seed=args.seed, on_block=show,
+                               trace=args.trace is not None)
+    out, nfe = result.rows(), result.nfe
+    if args.trace is not None:
+        from dlmjax.trace import draw_commit_order
+
+        settings = run.settings(max(len(r) for r in rows), _request(args))
+        lengths = [len(r) for r in rows]
+        path = draw_commit_order(args.trace, result.commit_steps(), lengths, block_edges(settings, lengths),
+                                 nfe=nfe, title=f"{run.path.name}: commit order, {nfe} forward passes")
+        _log(f"commit order drawn to {path}")
     texts = ([run.generated_text(row[len(prompt):], args.stop) for row, prompt in zip(out, rows)]
              if run.text is not None else None)
     if args.json:
@@ -117,6 +131,20 @@ def cmd_sample(args) -> int:
         for row in out:
             print(row)
     return 0
+
+
+def _block_printer(run, prompts):
+    """`--trace-text`: each row's canvas (generation only, masked slots as `_`) after every finished block."""
+    from dlmjax.trace import canvas_text
+
+    def show(block, rows):
+        for i, (row, prompt) in enumerate(zip(rows, prompts)):
+            generated = row[len(prompt):]
+            text = (canvas_text(run.decode, generated, run.tokens.mask_id) if run.text is not None
+                    else " ".join("_" if t == run.tokens.mask_id else str(t) for t in generated))
+            _log(f"block {block} row {i}: {text}")
+
+    return show
 
 
 def cmd_chat(args) -> int:
@@ -326,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "turn, then the assistant's header), as the release's chat script does")
     s.add_argument("--system", help="with --chat: a system message before the user's turn")
     _add_load_flags(s)
+    s.add_argument("--trace", metavar="PNG", help="draw when each slot was committed (slots x forward passes, "
+                   "prompt shaded, block edges marked) to this new file; needs matplotlib (the plot extra)")
+    s.add_argument("--trace-text", action="store_true", help="print each row's canvas after every finished block "
+                   "(masked slots as _) to stderr")
     s.add_argument("--json", action="store_true", help='print {"tokens": [[prompt + generation ids]], "text": '
                    '["generated text"], "nfe": N} ("text" when the checkpoint has a tokenizer)')
     s.set_defaults(fn=cmd_sample)

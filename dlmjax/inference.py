@@ -300,20 +300,36 @@ def open_run(path: str | Path, *, mesh: jax.sharding.Mesh | None = None, dtype=N
     return Run(path=Path(path), config=cfg, params=params, tokens=special_tokens(cfg, path, text), text=text)
 
 
-def sample_rows(run: Run, rows: list[list[int]], request: SampleRequest = SampleRequest(), *, seed: int = 0,
-                on_block=None):
+def sample_generation(run: Run, rows: list[list[int]], request: SampleRequest = SampleRequest(), *, seed: int = 0,
+                      on_block=None, trace: bool = False):
     """Samples after each prompt row (any lengths) with the run's sampler: the `dlmjax sample` library call.
 
     Prompt ids are checked on the host first (inside the vocabulary, no mask id). `on_block(block, rows)` sees
-    the rows after each finished block (`dlmjax.generate`). Returns (rows of prompt + generation ids without
-    padding, nfe).
+    the rows after each finished block; `trace` records the forward pass that committed each slot (both as in
+    `dlmjax.generate`). Returns the `Generation` (`.rows()`: prompt + generation ids without padding, `.nfe`).
     """
     if not rows or any(not r for r in rows):
         raise SettingsError("every prompt needs at least one token", field="prompt_ids")
     check_token_rows(rows, "prompt_ids", vocab_size=run.config.model.vocab_size, tokens=run.tokens)
     settings = run.settings(max(len(r) for r in rows), request)
-    result = generate_rows(run.config, run.params, rows, settings, jax.random.PRNGKey(seed), on_block=on_block)
+    return generate_rows(run.config, run.params, rows, settings, jax.random.PRNGKey(seed), on_block=on_block,
+                         trace=trace)
+
+
+def sample_rows(run: Run, rows: list[list[int]], request: SampleRequest = SampleRequest(), *, seed: int = 0,
+                on_block=None):
+    """`sample_generation`'s (rows of prompt + generation ids without padding, nfe)."""
+    result = sample_generation(run, rows, request, seed=seed, on_block=on_block)
     return result.rows(), result.nfe
+
+
+def block_edges(settings, prompt_lengths: Sequence[int]) -> list[list[int]]:
+    """Per row, the slots of its prompt + generation where a block of `settings` starts or ends: after the prompt
+    for the masked sampler, on the training grid from the row's first token for the block sampler."""
+    if isinstance(settings, BlockSamplerSettings):
+        edges = [k * settings.block_length for k in range(settings.num_blocks + 1)]
+        return [edges for _ in prompt_lengths]
+    return [[n + k * settings.block_length for k in range(settings.num_blocks + 1)] for n in prompt_lengths]
 
 
 def check_sample_config(cfg: Config) -> None:

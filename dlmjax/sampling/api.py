@@ -50,6 +50,7 @@ class Generation:
     width: int
     gen_length: int
     spans: tuple[tuple[int, int, int, int], ...]
+    commit_step: np.ndarray | None = None  # int32[B, N] like `tokens` (`generate(..., trace=True)`), else None
 
     def generated(self) -> list[list[int]]:
         """Per row, its generated tokens."""
@@ -58,6 +59,13 @@ class Generation:
     def rows(self) -> list[list[int]]:
         """Per row, prompt + generation (+ suffix) without padding, as the reference `generate` returns it."""
         return [row[a:b].tolist() for row, (a, _, _, b) in zip(self.tokens, self.spans)]
+
+    def commit_steps(self) -> list[list[int]]:
+        """Per row, aligned with `rows()`: the forward pass (0-based) that committed each slot, -1 where the sampler
+        committed nothing (prompt, suffix, the fill after a row's EOS). Needs `generate(..., trace=True)`."""
+        if self.commit_step is None:
+            raise ValueError("commit_steps() needs dlmjax.generate(..., trace=True)")
+        return [row[a:b].tolist() for row, (a, _, _, b) in zip(self.commit_step, self.spans)]
 
     def tokens_before_eos(self, eos_id: int) -> int:
         """Generated tokens before each row's first `eos_id`, summed: the throughput numerator."""
@@ -135,7 +143,7 @@ def _watching(on_block, spans):
 def generate(model, params, prompt_ids, settings: SamplerSettings | BlockSamplerSettings,
              rng: jax.Array | None = None, *, suffix_ids: Sequence[Sequence[int]] | None = None,
              bucket: int = DEFAULT_BUCKET,
-             on_block: Callable[[int, list[list[int]]], None] | None = None) -> Generation:
+             on_block: Callable[[int, list[list[int]]], None] | None = None, trace: bool = False) -> Generation:
     """Samples after each prompt row: `settings.gen_length` tokens (masked sampler, before each suffix if given:
     infilling), or up to `settings.max_length` slots per row (block sampler).
 
@@ -152,6 +160,8 @@ def generate(model, params, prompt_ids, settings: SamplerSettings | BlockSampler
       on_block: called on the host after every finished block with (block index, each row's prompt + canvas,
         the mask id where nothing is committed yet), in order, while the sampler runs (`dlmjax chat` prints
         with it). The sampler compiles once with it on, whatever the function.
+      trace: also record the forward pass that committed each slot (`Generation.commit_steps()`), inside the
+        jitted program.
 
     Raises:
       SettingsError: a prompt or suffix id outside the vocabulary, negative, or the mask id; prompts that do not
@@ -185,11 +195,12 @@ def generate(model, params, prompt_ids, settings: SamplerSettings | BlockSampler
         prompt, prompt_mask = _pack(rows, width, tokens.fill_id(), left=True)
         spans = tuple((0, n, total, total) for n in lengths)
         with _watching(on_block, spans):
-            out, nfe = generate_blocks(denoiser, params, prompt, settings, rng, prompt_mask=prompt_mask,
-                                       observe=on_block is not None)
+            out, nfe, *committed = generate_blocks(denoiser, params, prompt, settings, rng, prompt_mask=prompt_mask,
+                                                   observe=on_block is not None, trace=trace)
             out = np.asarray(out)  # the callbacks have all run once the result is here
         return Generation(tokens=np.asarray(out), nfe=int(nfe), prompt_lengths=lengths,
-                          suffix_lengths=(0,) * len(rows), width=width, gen_length=total - longest, spans=spans)
+                          suffix_lengths=(0,) * len(rows), width=width, gen_length=total - longest, spans=spans,
+                          commit_step=np.asarray(committed[0]) if trace else None)
 
     kwargs, suffix_lengths, suffix_width = {}, (0,) * len(rows), 0
     if suffix_ids is not None:
@@ -215,11 +226,12 @@ def generate(model, params, prompt_ids, settings: SamplerSettings | BlockSampler
     prompt, prompt_mask = _pack(rows, width, tokens.fill_id(), left=True)
     spans = tuple((width - n, width, width + gen, width + gen + m) for n, m in zip(lengths, suffix_lengths))
     with _watching(on_block, spans):
-        out, nfe = generate_masked(denoiser, params, prompt, settings, rng, prompt_mask=prompt_mask,
-                                   observe=on_block is not None, **kwargs)
+        out, nfe, *committed = generate_masked(denoiser, params, prompt, settings, rng, prompt_mask=prompt_mask,
+                                               observe=on_block is not None, trace=trace, **kwargs)
         out = np.asarray(out)  # the callbacks have all run once the result is here
     return Generation(tokens=np.asarray(out), nfe=int(nfe), prompt_lengths=lengths, suffix_lengths=suffix_lengths,
-                      width=width, gen_length=gen, spans=spans)
+                      width=width, gen_length=gen, spans=spans,
+                      commit_step=np.asarray(committed[0]) if trace else None)
 
 
 __all__ = ["DEFAULT_BUCKET", "Generation", "as_denoiser", "bucket_width", "check_token_rows", "generate"]

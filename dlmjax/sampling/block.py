@@ -65,6 +65,7 @@ class BlocksCarry:
     done: jax.Array  # bool[B]: rows that generated EOS in a finished block, frozen since
     rng: jax.Array
     nfe: jax.Array  # int32: forward passes run in the loops
+    committed: Any  # int32[B, T]: the forward pass that committed each slot, -1 if none (trace), else None
 
 
 @flax.struct.dataclass
@@ -75,6 +76,7 @@ class DenoiseCarry:
     block: jax.Array  # int32[B, L']: the block's tokens
     rng: jax.Array
     rule: Any  # the commit rule's state
+    committed: Any  # int32[B, L']: the forward pass that committed each slot, -1 if none (trace), else None
 
 
 def block_update(logits: jax.Array, block: jax.Array, settings: BlockSamplerSettings, rule_state, step,
@@ -96,7 +98,7 @@ def block_update(logits: jax.Array, block: jax.Array, settings: BlockSamplerSett
 
 
 def _sample_blocks(settings: BlockSamplerSettings, canvas, first_block, rng, model_state, nfe,
-                   block_logits: Callable, commit_block: Callable, observe: bool = False):
+                   block_logits: Callable, commit_block: Callable, observe: bool = False, trace: bool = False):
     """The outer loop over blocks and the inner loop over steps, shared by the cached and uncached samplers.
 
     Args:
@@ -131,12 +133,20 @@ def _sample_blocks(settings: BlockSamplerSettings, canvas, first_block, rng, mod
             rng, gumbel_key, confidence_key = step_keys(d.rng)
             logits = block_logits(c.model_state, c.canvas, d.block, c.block)
             new, state = block_update(logits, d.block, s, d.rule, d.step, gumbel_key, confidence_key)
-            # Done rows stay frozen.
-            return DenoiseCarry(step=d.step + 1, block=jnp.where(c.done[:, None], d.block, new), rng=rng, rule=state)
+            new = jnp.where(c.done[:, None], d.block, new)  # done rows stay frozen
+            committed = d.committed
+            if committed is not None:
+                newly = (d.block == mask_id) & (new != mask_id)
+                committed = jnp.where(newly, c.nfe + d.step, committed)
+            return DenoiseCarry(step=d.step + 1, block=new, rng=rng, rule=state, committed=committed)
 
-        d = jax.lax.while_loop(step_more, step_body,
-                               DenoiseCarry(step=jnp.int32(0), block=block, rng=c.rng, rule=rule.init(n_masked, steps)))
+        start = DenoiseCarry(step=jnp.int32(0), block=block, rng=c.rng, rule=rule.init(n_masked, steps),
+                             committed=jnp.full(block.shape, -1, jnp.int32) if trace else None)
+        d = jax.lax.while_loop(step_more, step_body, start)
         block, done = d.block, c.done
+        committed = c.committed
+        if trace:
+            committed = jax.lax.dynamic_update_slice(committed, d.committed, (jnp.int32(0), c.block * length))
         if stops:
             block = jnp.where(done[:, None] & generated, jnp.int32(s.tokens.pad_id), block)
             done = done | jnp.any(generated & (block == s.tokens.eos_id), axis=1)
@@ -147,15 +157,16 @@ def _sample_blocks(settings: BlockSamplerSettings, canvas, first_block, rng, mod
         if observe:
             stream.block_done(c.block, canvas)
         return BlocksCarry(block=c.block + 1, canvas=canvas, model_state=model_state, done=done, rng=d.rng,
-                           nfe=c.nfe + d.step + commit_nfe)
+                           nfe=c.nfe + d.step + commit_nfe, committed=committed)
 
     init = BlocksCarry(block=first_block, canvas=canvas, model_state=model_state,
-                       done=jnp.zeros((canvas.shape[0],), bool), rng=rng, nfe=nfe)
+                       done=jnp.zeros((canvas.shape[0],), bool), rng=rng, nfe=nfe,
+                       committed=jnp.full(canvas.shape, -1, jnp.int32) if trace else None)
     out = jax.lax.while_loop(block_more, block_body, init)
     canvas = out.canvas
     if stops:  # blocks after every row stopped were never visited
         canvas = jnp.where(canvas == mask_id, jnp.int32(s.tokens.pad_id), canvas)
-    return canvas, out.nfe
+    return (canvas, out.nfe) + ((out.committed,) if trace else ())
 
 
 def _layout(denoiser: Denoiser, prompt, prompt_mask, settings: BlockSamplerSettings):
@@ -216,9 +227,10 @@ def _positions(batch: int, start, length: int):
     return jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
 
 
-@functools.partial(jax.jit, static_argnames=("denoiser", "settings", "observe"))
+@functools.partial(jax.jit, static_argnames=("denoiser", "settings", "observe", "trace"))
 def generate_blocks(denoiser: Denoiser, params: Any, prompt: jax.Array, settings: BlockSamplerSettings,
-                    rng: jax.Array, *, prompt_mask: jax.Array | None = None, observe: bool = False):
+                    rng: jax.Array, *, prompt_mask: jax.Array | None = None, observe: bool = False,
+                    trace: bool = False):
     """Block-diffusion sampling with a KV cache of the prompt and the committed blocks.
 
     Compiled once per (denoiser, settings, prompt shape, prompt_mask given or not); params, prompt values, the
@@ -232,6 +244,7 @@ def generate_blocks(denoiser: Denoiser, params: Any, prompt: jax.Array, settings
       rng: PRNG key; consumed when `temperature > 0` or `remasking == "random"`.
       prompt_mask: bool[B, W], True on real prompt tokens; default all True.
       observe: static; hand the canvas to the host after every finished block (`dlmjax.sampling.stream`).
+      trace: static; also return the forward pass that committed each slot (see `generate_masked`).
 
     Returns:
       tokens: int32[B, T]: row i is its prompt (`n_i` tokens, padding removed) followed by its `T - n_i`
@@ -243,7 +256,7 @@ def generate_blocks(denoiser: Denoiser, params: Any, prompt: jax.Array, settings
         # One block (MDLM): nothing is ever cached, so the plain forward over the row is the same program with
         # less work (no empty cache segment in every attention call).
         return generate_blocks_uncached(denoiser, params, prompt, settings, rng, prompt_mask=prompt_mask,
-                                        observe=observe)
+                                        observe=observe, trace=trace)
     canvas, lengths = _layout(denoiser, prompt, prompt_mask, settings)
     batch = canvas.shape[0]
     length = settings.block_length
@@ -290,12 +303,14 @@ def generate_blocks(denoiser: Denoiser, params: Any, prompt: jax.Array, settings
         cache = jax.lax.cond(skip, lambda cache: cache, write, cache)
         return cache, jnp.where(skip, 0, 1).astype(jnp.int32)
 
-    return _sample_blocks(settings, canvas, first_block, rng, cache, nfe, block_logits, commit_block, observe)
+    return _sample_blocks(settings, canvas, first_block, rng, cache, nfe, block_logits, commit_block, observe,
+                          trace)
 
 
-@functools.partial(jax.jit, static_argnames=("denoiser", "settings", "observe"))
+@functools.partial(jax.jit, static_argnames=("denoiser", "settings", "observe", "trace"))
 def generate_blocks_uncached(denoiser: Denoiser, params: Any, prompt: jax.Array, settings: BlockSamplerSettings,
-                             rng: jax.Array, *, prompt_mask: jax.Array | None = None, observe: bool = False):
+                             rng: jax.Array, *, prompt_mask: jax.Array | None = None, observe: bool = False,
+                             trace: bool = False):
     """The slow twin of `generate_blocks`: no cache, the whole canvas recomputed at every step.
 
     Same arguments and the same tokens for the same rng. Returns (tokens int32[B, T], nfe int32) with
@@ -314,7 +329,7 @@ def generate_blocks_uncached(denoiser: Denoiser, params: Any, prompt: jax.Array,
         return state, jnp.int32(0)  # the finished block is in the canvas, which every step reads whole
 
     return _sample_blocks(settings, canvas, first_block, rng, None, jnp.int32(0), block_logits, commit_block,
-                          observe)
+                          observe, trace)
 
 
 __all__ = ["BlocksCarry", "DenoiseCarry", "block_update", "generate_blocks", "generate_blocks_uncached"]

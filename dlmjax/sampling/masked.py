@@ -41,8 +41,8 @@ import numpy as np
 
 from dlmjax.errors import SettingsError
 from dlmjax.models.transformer import padded_positions
-from dlmjax.sampling.layout import check_request, mask_like
 from dlmjax.sampling import stream
+from dlmjax.sampling.layout import check_request, mask_like
 from dlmjax.sampling.proposals import step_keys
 from dlmjax.sampling.settings import SamplerSettings
 
@@ -57,6 +57,7 @@ class BlockCarry:
     nfe: jax.Array  # int32: forward passes run so far
     done: jax.Array  # bool[B]: rows that generated EOS in a finished block (stop_at_eos), frozen since
     history: Any  # int32[max_nfe, B, N] canvases after each forward (return_history), else None
+    committed: Any  # int32[B, N]: the forward pass that committed each slot, -1 if none (trace), else None
 
 
 @flax.struct.dataclass
@@ -69,6 +70,7 @@ class StepCarry:
     nfe: jax.Array
     rule: Any  # the commit rule's state
     history: Any
+    committed: Any
 
 
 class ModelCalls:
@@ -145,10 +147,11 @@ def _canvas(prompt, prompt_mask, suffix, suffix_mask, settings: SamplerSettings)
     return jnp.concatenate(pieces, axis=1), jnp.concatenate(masks, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("denoiser", "settings", "return_history", "observe"))
+@functools.partial(jax.jit, static_argnames=("denoiser", "settings", "return_history", "observe", "trace"))
 def generate_masked(denoiser, params: Any, prompt: jax.Array, settings: SamplerSettings, rng: jax.Array, *,
                     prompt_mask: jax.Array | None = None, suffix: jax.Array | None = None,
-                    suffix_mask: jax.Array | None = None, return_history: bool = False, observe: bool = False):
+                    suffix_mask: jax.Array | None = None, return_history: bool = False, observe: bool = False,
+                    trace: bool = False):
     """Generates `settings.gen_length` tokens after each prompt row (and before its `suffix`, if given).
 
     Compiled once per (denoiser, settings, shapes, return_history, which masks are given); params, token values,
@@ -166,11 +169,15 @@ def generate_masked(denoiser, params: Any, prompt: jax.Array, settings: SamplerS
         Rows shorter than `Ls` are right-padded with `suffix_mask` False.
       return_history: static debugging switch; also return the canvas after every forward pass.
       observe: static; hand the canvas to the host after every finished block (`dlmjax.sampling.stream`).
+      trace: static; also return, per slot, the forward pass (0-based) after which it was committed: one int32
+        per slot carried through the loops, no cost when off.
 
     Returns:
       tokens: int32[B, W + G (+ Ls)], the prompt, the generated tokens (and the suffix).
       nfe: int32 scalar, forward passes run (a guidance pass over the doubled batch counts once).
       history (only if `return_history`): int32[max_nfe, B, N], the canvas after each forward (zeros after the last).
+      commit_step (only if `trace`, after `history`): int32[B, N], the forward pass that committed each slot, -1 for
+        slots the sampler never committed (prompt, suffix, the fill of a row stopped at EOS).
     """
     prompt = check_request(prompt, settings, SamplerSettings)
     s = settings
@@ -191,6 +198,7 @@ def generate_masked(denoiser, params: Any, prompt: jax.Array, settings: SamplerS
                                 "generated slot is predicted from the slot before it", field="prompt")
     max_steps = rule.max_steps(steps, bl) + cache_mode.extra_passes
     history = jnp.zeros((s.num_blocks * max_steps,) + canvas.shape, jnp.int32) if return_history else None
+    committed = jnp.full(canvas.shape, -1, jnp.int32) if trace else None
 
     def advance(d: StepCarry, block_logits, block_start) -> StepCarry:
         """One update of the block from its logits [B, L', V]."""
@@ -203,13 +211,19 @@ def generate_masked(denoiser, params: Any, prompt: jax.Array, settings: SamplerS
                                                      axis=1)
         nfe = d.nfe + 1
         history = None if d.history is None else d.history.at[nfe - 1].set(canvas)
-        return StepCarry(step=d.step + 1, canvas=canvas, rng=rng, nfe=nfe, rule=rule_state, history=history)
+        committed = d.committed
+        if committed is not None:
+            block_steps = jax.lax.dynamic_slice_in_dim(committed, block_start, bl, axis=1)
+            committed = jax.lax.dynamic_update_slice_in_dim(committed, jnp.where(commits, d.nfe, block_steps),
+                                                            block_start, axis=1)
+        return StepCarry(step=d.step + 1, canvas=canvas, rng=rng, nfe=nfe, rule=rule_state, history=history,
+                         committed=committed)
 
     def run_block(c: BlockCarry, block_start, chunk_length: int) -> BlockCarry:
         block = jax.lax.dynamic_slice_in_dim(c.canvas, block_start, bl, axis=1)
         n_masked = (block == mask_id).sum(axis=1).astype(jnp.int32)
         d = StepCarry(step=jnp.int32(0), canvas=c.canvas, rng=c.rng, nfe=c.nfe, rule=rule.init(n_masked, steps),
-                      history=c.history)
+                      history=c.history, committed=c.committed)
         kv = None
         if cache_mode.keeps_kv:  # the block's first pass keeps every slot's K/V for the later steps
             logits, kv = calls.full_with_cache(c.canvas)
@@ -225,7 +239,7 @@ def generate_masked(denoiser, params: Any, prompt: jax.Array, settings: SamplerS
             return advance(d, logits, block_start)
 
         d = jax.lax.while_loop(more, step, d)
-        return c.replace(canvas=d.canvas, rng=d.rng, nfe=d.nfe, history=d.history)
+        return c.replace(canvas=d.canvas, rng=d.rng, nfe=d.nfe, history=d.history, committed=d.committed)
 
     # Static chunk lengths: a prefix-cache step forwards everything from its block on, so each block has its own
     # length (one branch of a `lax.switch` per distinct length); the other modes have one.
@@ -261,11 +275,10 @@ def generate_masked(denoiser, params: Any, prompt: jax.Array, settings: SamplerS
         return c.replace(block=c.block + 1, canvas=canvas, done=done)
 
     init = BlockCarry(block=jnp.int32(0), canvas=canvas, rng=rng, nfe=jnp.int32(0),
-                      done=jnp.zeros((batch,), bool), history=history)
+                      done=jnp.zeros((batch,), bool), history=history, committed=committed)
     out = jax.lax.while_loop(more_blocks, next_block, init)
-    if return_history:
-        return out.canvas, out.nfe, out.history
-    return out.canvas, out.nfe
+    extras = ((out.history,) if return_history else ()) + ((out.committed,) if trace else ())
+    return (out.canvas, out.nfe) + extras
 
 
 def _real_span(key_mask: jax.Array) -> jax.Array:
