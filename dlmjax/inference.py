@@ -23,7 +23,6 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dlmjax.config import Config
 from dlmjax.errors import SettingsError

@@ -12,7 +12,7 @@ from dlmjax.config import ConfigError, DiffusionConfig, ModelConfig, load_config
 from dlmjax.diffusion import block, forward, losses
 from dlmjax.diffusion.masks import bd3_training_mask
 from dlmjax.diffusion.schedules import LinearSchedule
-from dlmjax.models.attention import Bd3Training, BlockCausal, Causal, Full
+from kernels_pallas.masks import Bd3Training, BlockCausal, Causal, Full
 from dlmjax.models.transformer import Transformer, init_params
 from dlmjax.train.objective import bd3_loss_terms, diffusion_loss, nelbo_sums
 

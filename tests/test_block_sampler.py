@@ -17,7 +17,7 @@ import pytest
 
 from dlmjax.config import ModelConfig
 from dlmjax.diffusion.block import two_stream_inputs
-from dlmjax.models.attention import BlockCausal, Bd3Training
+from kernels_pallas.masks import Bd3Training, BlockCausal
 from dlmjax.models.transformer import Transformer, init_cache, init_params
 from dlmjax.sampling import BlockSamplerSettings, Denoiser, SpecialTokens, filter_logits
 from dlmjax.sampling import generate_blocks as _generate_blocks

@@ -20,7 +20,7 @@ from dlmjax.config import ConfigError, DiffusionConfig, ModelConfig, load_config
 from dlmjax.diffusion import NEG_INF, LogLinearSchedule, mdlm_loss, subs_log_probs
 from dlmjax.interchange import dit as dit_io
 from dlmjax.interchange.errors import InterchangeError
-from dlmjax.models.attention import Bd3Training, BlockCausal, Full
+from kernels_pallas.masks import Bd3Training, BlockCausal, Full
 from dlmjax.models.dit import DiT
 from dlmjax.models.transformer import build_model, init_cache, init_params
 from dlmjax.sampling import BlockSamplerSettings, Denoiser, generate_blocks, generate_blocks_uncached

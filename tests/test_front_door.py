@@ -50,7 +50,7 @@ def export_run(folder: Path, objective: str, *, zero_head: bool = False) -> tupl
     tok = load_tokenizer(tok_path)
     corpus = folder / "corpus.txt"
     corpus.write_text("\n".join(TEXT))
-    overrides = [f"data.kind=corpus", f"data.path={corpus}", "data.format=text", f"data.tokenizer={tok_path}",
+    overrides = ["data.kind=corpus", f"data.path={corpus}", "data.format=text", f"data.tokenizer={tok_path}",
                  "data.seq_len=16", f"model.vocab_size={tok.model_vocab_size}", f"diffusion.mask_id={tok.mask_id}",
                  "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.mlp_hidden=64",
                  "model.max_seq_len=32", f"diffusion.objective={objective}"]

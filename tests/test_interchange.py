@@ -226,7 +226,7 @@ def test_native_model_exports_with_a_generated_config(tmp_path):
 
 def test_forward_of_a_bd3_model_reads_x_t_and_x_0_under_the_training_mask():
     from dlmjax.config import Config, DataConfig, DiffusionConfig, ModelConfig
-    from dlmjax.models.attention import BlockCausal
+    from kernels_pallas.masks import BlockCausal
     from dlmjax.models.transformer import init_params
 
     cfg = Config(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, mlp_hidden=64),

@@ -284,7 +284,8 @@ def test_visit_plan_lists_exactly_the_tiles_holding_a_visible_slot(block_k):
 
 
 def test_attention_for_model_matches_dlmjax_attention():
-    from dlmjax.models.attention import BlockCausal, attention
+    from dlmjax.models.attention import attention
+    from kernels_pallas.masks import BlockCausal
 
     q, k, v, _ = _inputs(2, 20, 20, 4, 2, 16, jnp.float32)
     key_mask = _key_mask(2, 20, [20, 15])

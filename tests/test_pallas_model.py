@@ -11,7 +11,7 @@ import pytest
 
 import dlmjax
 from dlmjax.config import ModelConfig
-from dlmjax.models.attention import Bd3Training, BlockCausal, Full
+from kernels_pallas.masks import Bd3Training, BlockCausal, Full
 from dlmjax.models.transformer import Transformer, init_params
 from dlmjax.sampling import BlockSamplerSettings, Denoiser, SamplerSettings, generate_blocks_uncached
 

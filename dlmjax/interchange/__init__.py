@@ -367,7 +367,7 @@ def forward_logits(cfg: Config, params, input_ids, sigma=None) -> np.ndarray:
 
     from dlmjax.diffusion.block import two_stream_inputs  # noqa: PLC0415
     from dlmjax.errors import InputError  # noqa: PLC0415
-    from dlmjax.models.attention import Bd3Training, Full  # noqa: PLC0415
+    from kernels_pallas.masks import Bd3Training, Full  # noqa: PLC0415
     from dlmjax.models.transformer import build_model  # noqa: PLC0415
 
     ids = np.asarray(input_ids)

@@ -5,7 +5,8 @@ has the call signature of `Transformer` (tokens, positions=, key_mask=, dense_ma
 so that training objectives and samplers never name an architecture.
 """
 from dlmjax.config import ModelConfig
-from dlmjax.models.attention import Bd3Training, BlockCausal, Causal, Full, Mask, attention
+from dlmjax.models.attention import attention
+from kernels_pallas.masks import Bd3Training, BlockCausal, Causal, Full, Mask  # the one definition
 from dlmjax.models.transformer import Transformer, build_model, count_params, init_cache, init_params
 from dlmjax.models.dit import DiT  # after transformer, which it builds on
 

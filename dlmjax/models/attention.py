@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas.masks import Bd3Training, BlockCausal, Causal, Full, Mask
+from kernels_pallas.masks import Full, Mask
 from kernels_pallas.ranges import slot_mask
 
 

@@ -43,7 +43,8 @@ import jax
 import jax.numpy as jnp
 
 from dlmjax.config import ConfigError, ModelConfig
-from dlmjax.models.attention import Full, Mask, attend_with_cache
+from dlmjax.models.attention import attend_with_cache
+from kernels_pallas.masks import Full, Mask
 from dlmjax.models.layers import DTYPES, Dense, apply_rotary, dense_init, rotary_tables
 from dlmjax.models.transformer import _write_cache, check_cache_arguments
 

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from dlmjax.config import ModelConfig
-from dlmjax.models.attention import Full, Mask, attend_with_cache
+from dlmjax.models.attention import attend_with_cache
+from kernels_pallas.masks import Full, Mask
 from dlmjax.models.layers import DTYPES, Dense, RMSNorm, apply_rotary, dense_init, rotary_tables
 
 BATCH_LENGTH_EMBED = ("batch", "length", "embed")

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from dlmjax.errors import SettingsError
-from dlmjax.models.attention import BlockCausal
+from kernels_pallas.masks import BlockCausal
 from dlmjax.sampling import stream
 from dlmjax.sampling.denoiser import Denoiser
 from dlmjax.sampling.layout import check_request, mask_like

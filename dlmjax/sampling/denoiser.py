@@ -6,7 +6,7 @@ import dataclasses
 import jax
 
 from dlmjax.config import ModelConfig
-from dlmjax.models.attention import Full, Mask
+from kernels_pallas.masks import Full, Mask
 from dlmjax.models.transformer import build_model, init_cache, padded_positions, shift_logits
 
 

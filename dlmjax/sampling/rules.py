@@ -204,8 +204,22 @@ class Factor(UntilFilled):
         return select_factor(scores, self.factor), state
 
 
+class FixedSteps:
+    """Mixin of Dream's time-based rules: no state, and the block runs exactly its `S` steps (the last one commits
+    every slot still masked)."""
+
+    def init(self, n_masked, steps):
+        return None
+
+    def more(self, state, step, block_masked, steps):
+        return step < steps
+
+    def max_steps(self, steps: int, block_length: int) -> int:
+        return steps
+
+
 @dataclasses.dataclass(frozen=True)
-class DreamTransfer:
+class DreamTransfer(FixedSteps):
     """Dream's `maskgit_plus` / `topk_margin` / `entropy` schedule: step `i` of `S` commits `int(n * (1 - s/t))`
     of the `n` masked slots (`dream_transfer_fractions`), all of them at the last step; `alg_temp > 0` draws
     which ones from `softmax(confidence / alg_temp)` instead of taking the best."""
@@ -217,9 +231,6 @@ class DreamTransfer:
         check.open_unit("DreamTransfer", "eps", self.eps)
         check.nonnegative_real("DreamTransfer", "alg_temp", self.alg_temp, off="0 takes the top k")
 
-    def init(self, n_masked, steps):
-        return None
-
     def commits(self, scores, state, step, key, steps):
         fraction = jnp.asarray(dream_transfer_fractions(steps, self.eps))[jnp.minimum(step, steps - 1)]
         n_masked = (scores > -jnp.inf).sum(axis=-1)
@@ -228,15 +239,9 @@ class DreamTransfer:
             return select_sampled(scores, k, self.alg_temp, key), state
         return select_commits(scores, k), state
 
-    def more(self, state, step, block_masked, steps):
-        return step < steps
-
-    def max_steps(self, steps: int, block_length: int) -> int:
-        return steps
-
 
 @dataclasses.dataclass(frozen=True)
-class DreamOrigin:
+class DreamOrigin(FixedSteps):
     """Dream's `origin`: at step `i` every masked slot is unmasked independently with probability `1 - s/t`."""
 
     eps: float = 1e-3
@@ -244,18 +249,9 @@ class DreamOrigin:
     def __post_init__(self):
         check.open_unit("DreamOrigin", "eps", self.eps)
 
-    def init(self, n_masked, steps):
-        return None
-
     def commits(self, scores, state, step, key, steps):
         fraction = jnp.asarray(dream_transfer_fractions(steps, self.eps))[jnp.minimum(step, steps - 1)]
         return (scores > -jnp.inf) & (jax.random.uniform(key, scores.shape, jnp.float32) < fraction), state
-
-    def more(self, state, step, block_masked, steps):
-        return step < steps
-
-    def max_steps(self, steps: int, block_length: int) -> int:
-        return steps
 
 
 @flax.struct.dataclass

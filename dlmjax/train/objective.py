@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from dlmjax.config import DiffusionConfig, ModelConfig
 from dlmjax.diffusion import block, forward, losses, schedules
-from dlmjax.models.attention import Bd3Training
+from kernels_pallas.masks import Bd3Training
 from dlmjax.models.transformer import build_model
 
 # BD3-LM's unbiased clipped schedule: the NELBO it reports.
