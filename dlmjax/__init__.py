@@ -24,8 +24,10 @@ tokenizer), `dlmjax.load(path)` (config and parameters), `dlmjax.generate(model,
 (both samplers on ragged prompts in width buckets: `SamplerSettings` for the masked sampler, LLaDA / Fast-dLLM /
 Dream, whose jitted program is `dlmjax.sampling.generate_masked`; `BlockSamplerSettings` for the block-diffusion
 sampler with an exact KV cache, `dlmjax.generate_blocks`), `dlmjax.sample` (the sampler a run was trained for),
-`dlmjax.load_config`, `dlmjax.Denoiser` (the static view of a model that the samplers call), and the
-`dlmjax` command line (`dlmjax.cli`). `dlmjax.inference` answers "which sampler, with which settings and token ids,
+`dlmjax.load_config`, `dlmjax.Denoiser` (the static view of a model that the samplers call), the scores
+`dlmjax.log_likelihood` (LLaDA's Monte Carlo estimate of log p(answer | prompt)), `dlmjax.greedy_check` and
+`dlmjax.rolling_log_likelihood` (a text's NELBO bound, exact for AR runs), the lm-evaluation-harness model
+`dlmjax.lm_eval`, generative perplexity `dlmjax.genppl`, and the `dlmjax` command line (`dlmjax.cli`). `dlmjax.inference` answers "which sampler, with which settings and token ids,
 for this checkpoint" for all of them.
 """
 import importlib
@@ -41,9 +43,11 @@ _EXPORTS = {
     "BlockSamplerSettings": "dlmjax.sampling", "Denoiser": "dlmjax.sampling", "SamplerSettings": "dlmjax.sampling",
     "SpecialTokens": "dlmjax.sampling", "generate_blocks": "dlmjax.sampling",
     "Generation": "dlmjax.sampling.api", "generate": "dlmjax.sampling.api",
+    "log_likelihood": "dlmjax.evaluate", "greedy_check": "dlmjax.evaluate",
+    "rolling_log_likelihood": "dlmjax.evaluate",
 }
 _SUBPACKAGES = {"checkpoint", "cli", "config", "data", "diffusion", "distributed", "errors", "evaluate", "inference",
-                "interchange", "models", "sampling", "sharding", "train"}
+                "genppl", "interchange", "likelihood", "lm_eval", "models", "rolling", "sampling", "sharding", "train"}
 
 __version__ = "0.1.0"
 __all__ = sorted(_EXPORTS)

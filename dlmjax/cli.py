@@ -7,6 +7,8 @@
     dlmjax chat --checkpoint DIR [--system S] [sampler flags as for sample]
     dlmjax pack --config C --out STORE [section.key=value ...]     (then train with data.kind=packed data.path=STORE)
     dlmjax eval --checkpoint DIR [section.key=value ...]
+    dlmjax eval --checkpoint DIR --lm-eval TASKS [--mc-num N --batch-size B --limit N --output PATH ...]
+    dlmjax eval --checkpoint DIR --gen-ppl --judge AR_RUN|hf:NAME [--samples N --batch-size B sampler flags]
     dlmjax convert --from-hf HF_DIR --arch llada|dream|mdlm|bd3lm --out CKPT
     dlmjax convert --to-hf CKPT --out HF_DIR
     dlmjax forward --checkpoint CKPT --input-ids IDS.npy [--sigma SIGMA.npy] --out LOGITS.npy
@@ -87,6 +89,12 @@ def cmd_pack(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from dlmjax import cli_eval
+
+    if args.lm_eval is not None:
+        return cli_eval.cmd_lm_eval(args)
+    if args.gen_ppl:
+        return cli_eval.cmd_gen_ppl(args)
     from dlmjax.evaluate import evaluate_checkpoint
     from dlmjax.train.result import print_json
 
@@ -374,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True)
     e.add_argument("--show", type=_int_at_least(0), default=5, help="print this many sampled problems")
     e.add_argument("overrides", nargs="*", help="section.key=value (e.g. sample.steps=2)")
+    from dlmjax import cli_eval
+
+    cli_eval.add_flags(e)
     e.set_defaults(fn=cmd_eval)
 
     c = sub.add_parser("convert", help="import a Hugging Face checkpoint folder, or export one")
@@ -479,6 +490,10 @@ def _check_combinations(parser: argparse.ArgumentParser, args) -> None:
                          "as they are")
         if args.system is not None and not args.chat:
             parser.error("argument --system: a system message needs --chat")
+    if args.command == "eval":
+        from dlmjax import cli_eval
+
+        cli_eval.check_flags(parser, args)
     if args.command == "convert":
         if args.from_hf is not None and not args.arch:
             parser.error("argument --arch: dlmjax convert --from-hf needs --arch (llada, dream, mdlm or bd3lm)")

@@ -1,9 +1,20 @@
-"""Held-out evaluation: NELBO per token (and its perplexity), pooled over processes, and task exact match.
+"""Evaluation: held-out NELBO and exact match of a run, and the likelihood scores the field reports.
 
 `evaluate(cfg, params, eval_data)` reads only held-out rows (`dlmjax.data.load_eval_data`, or the ones the
 training loop already holds); `evaluate_checkpoint(path, overrides)` is `dlmjax eval`. Exact match samples the
 task's held-out prompts through the sampler front door (`dlmjax.inference`), with the sampler the run was trained
 for and the token ids of its tokenizer.
+
+The notebook's scoring calls, each taking the model as `dlmjax.generate` does (a run `Config`, an opened `Run`, or
+a `ModelConfig` / `Denoiser` with an explicit `mask_id`) and its parameters:
+
+- `log_likelihood(model, params, prompt_ids, answer_ids, *, mc_num, batch_size, cfg_scale, rng)`: LLaDA's Monte
+  Carlo estimate of log p(answer | prompt) (`dlmjax.likelihood`; `log_likelihoods` for many requests at once);
+- `greedy_check(...)`: whether filling the masked answer greedily reproduces it (lm-eval's `is_greedy`);
+- `rolling_log_likelihood(cfg, params, token_ids, *, rng, samples)`: a whole text's log-likelihood, minus the NELBO
+  for diffusion runs and exact for AR runs (`dlmjax.rolling`).
+
+`dlmjax.lm_eval` wraps them as an lm-evaluation-harness model; `dlmjax.genppl` scores samples with a judge.
 """
 from __future__ import annotations
 
@@ -15,6 +26,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from dlmjax import likelihood, rolling
 from dlmjax.config import Config, apply_overrides
 from dlmjax.data.build import EvalData, load_eval_data, per_process
 from dlmjax.data.pipeline import make_eval_batches
@@ -140,3 +152,55 @@ def task_exact_match(cfg: Config, params, task, problems, tokenizer, rng, *, ret
     if return_predictions:
         return result, predictions
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Likelihood scores (the notebook API; `dlmjax.lm_eval` calls the batched functions directly)
+
+
+def scorer(model, mask_id: int | None = None):
+    """(denoiser, mask id) for the likelihood functions: from a run `Config` or `Run` (its mask id), or from a
+    `ModelConfig` / `Denoiser` with `mask_id` given."""
+    from dlmjax.sampling.api import as_denoiser  # noqa: PLC0415
+
+    config = getattr(model, "config", model)  # a Run carries its Config
+    if isinstance(config, Config):
+        return as_denoiser(config), int(config.diffusion.mask_id if mask_id is None else mask_id)
+    if mask_id is None:
+        raise TypeError("give mask_id= with a ModelConfig or Denoiser (a run Config or Run carries its own)")
+    return as_denoiser(model), int(mask_id)
+
+
+def log_likelihood(model, params, prompt_ids, answer_ids, *, mc_num: int = 128, batch_size: int = 16,
+                   cfg_scale: float = 0.0, rng: jax.Array, mask_id: int | None = None) -> float:
+    """LLaDA's Monte Carlo estimate of log p(answer_ids | prompt_ids) in nats (see `dlmjax.likelihood`): the
+    prompt never masked, `mc_num` rows in rounds of `batch_size` stratified over mask counts, 1/p weights, CFG as
+    in `generate`. Exact for a one-token answer."""
+    denoiser, mask = scorer(model, mask_id)
+    return likelihood.log_likelihood(denoiser, params, prompt_ids, answer_ids, mask_id=mask, mc_num=mc_num,
+                                     batch_size=batch_size, cfg_scale=cfg_scale, rng=rng)
+
+
+def log_likelihoods(model, params, requests, *, mc_num: int = 128, batch_size: int = 16, cfg_scale: float = 0.0,
+                    rng: jax.Array, mask_id: int | None = None) -> np.ndarray:
+    """float64[R]: `log_likelihood` of many (prompt_ids, answer_ids) requests, batched in width buckets."""
+    denoiser, mask = scorer(model, mask_id)
+    return likelihood.log_likelihoods(denoiser, params, requests, mask_id=mask, mc_num=mc_num,
+                                      batch_size=batch_size, cfg_scale=cfg_scale, rng=rng)
+
+
+def greedy_check(model, params, prompt_ids, answer_ids, *, cfg_scale: float = 0.0,
+                 mask_id: int | None = None) -> bool:
+    """LLaDA's `suffix_greedy_prediction`: does filling the masked answer one most-confident slot per forward give
+    `answer_ids`?"""
+    denoiser, mask = scorer(model, mask_id)
+    return likelihood.greedy_check(denoiser, params, prompt_ids, answer_ids, mask_id=mask, cfg_scale=cfg_scale)
+
+
+def rolling_log_likelihood(cfg, params, token_ids, *, rng: jax.Array, samples: int = 1,
+                           bos_id: int | None = None) -> float:
+    """A whole text's log-likelihood in nats: minus its NELBO (a lower bound; mean of `samples` draws) for diffusion
+    runs, exact for AR runs (bd3 with block size 1). `cfg` is a run `Config` or `Run`. See `dlmjax.rolling`."""
+    cfg = getattr(cfg, "config", cfg)
+    return float(rolling.rolling_log_likelihoods(cfg, params, [token_ids], rng=rng, samples=samples,
+                                                 bos_id=bos_id)[0])

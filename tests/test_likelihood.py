@@ -244,3 +244,22 @@ def test_same_shapes_compile_once(tiny, name):
     finally:
         logger.removeHandler(counter)
     assert (first, second) == (1, 0)
+
+
+def test_notebook_entry_takes_a_run_config_and_its_mask_id():
+    from conftest import tiny_run_config
+
+    import dlmjax
+    from dlmjax.models.transformer import init_params as init
+
+    cfg = tiny_run_config()
+    params = init(cfg.model, jax.random.PRNGKey(0))
+    prompt, answer = [257, 49, 43, 50, 61], 51  # BOS "1+2=" and "3"
+    row = np.array([prompt + [cfg.diffusion.mask_id]])
+    expected = direct_log_probs(Denoiser(cfg.model), params, row)[0, -1, answer]
+    got = dlmjax.log_likelihood(cfg, params, prompt, [answer], mc_num=4, batch_size=2, rng=jax.random.PRNGKey(1))
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
+    assert dlmjax.greedy_check(cfg, params, prompt, [answer]) == (
+        int(np.argmax(direct_log_probs(Denoiser(cfg.model), params, row)[0, -1])) == answer)
+    with pytest.raises(TypeError, match="mask_id"):
+        dlmjax.log_likelihood(cfg.model, params, prompt, [answer], rng=jax.random.PRNGKey(1))

@@ -123,20 +123,25 @@ def diffusion_loss(params, batch, rng, *, model_cfg: ModelConfig, diff_cfg: Diff
     return loss, _metrics(loss, logits, x0, is_masked)
 
 
-def nelbo_sums(params, batch, rng, *, model_cfg: ModelConfig, diff_cfg: DiffusionConfig):
-    """(sum of per-token NELBO terms in nats, number of scored tokens) for one batch.
+def nelbo_terms(params, batch, rng, *, model_cfg: ModelConfig, diff_cfg: DiffusionConfig,
+                condition_on_prompt: bool = False):
+    """Per-token NELBO terms in nats f32[B, L] (0 off scored slots) and the scored slots bool[B, L].
 
     An unbiased one-sample estimate of the continuous-time NELBO with antithetic t over the batch. Scored
     tokens are the ones the objective may noise (valid, and not prompt for SFT and bd3). Objectives that train
     with the LLaDA mask probability are scored with the linear schedule alpha(t) = 1 - t (weight 1/t), whose
     NELBO is the exact bound that their loss approximates; MDLM is scored with its own schedule and SUBS; bd3
     with its block factorisation and the unbiased clip (1e-3, 1) whatever it trains with.
+
+    `condition_on_prompt=True` keeps prompt slots clean and unscored for every objective (a text's likelihood
+    given a BOS it was framed with, `dlmjax.rolling`); the training-time NELBO leaves it off, so MDLM and LLaDA
+    pre-training runs keep scoring every valid slot as they train.
     """
-    if diff_cfg.objective == "bd3":
+    if diff_cfg.objective == "bd3":  # prompts are clean context already
         clip_min, clip_max = BD3_NELBO_CLIP
         unbiased = dataclasses.replace(diff_cfg, clip_min=clip_min, clip_max=clip_max, antithetic=True)
         _, aux = bd3_loss(params, batch, rng, model_cfg=model_cfg, diff_cfg=unbiased)
-        return jnp.sum(aux["nll"]), jnp.sum(aux["scored"])
+        return aux["nll"], aux["scored"]
     x0 = batch["tokens"]
     b = x0.shape[0]
     t_rng, u_rng = jax.random.split(rng)
@@ -144,6 +149,8 @@ def nelbo_sums(params, batch, rng, *, model_cfg: ModelConfig, diff_cfg: Diffusio
     t = forward.sample_t(t_rng, b, eps=1e-3, antithetic=True)
     u = jax.random.uniform(u_rng, x0.shape)
     protect = _protected(batch, diff_cfg)
+    if condition_on_prompt:
+        protect = protect | batch["prompt_mask"]
     xt, is_masked = forward.forward_sample(x0, schedule.mask_prob(t)[:, None], u, diff_cfg.mask_id,
                                            protect=protect)
     logits = build_model(model_cfg).apply({"params": params}, xt, key_mask=batch["valid_mask"],
@@ -155,4 +162,10 @@ def nelbo_sums(params, batch, rng, *, model_cfg: ModelConfig, diff_cfg: Diffusio
         logp = jax.nn.log_softmax(logits, axis=-1)
         ce = -jnp.take_along_axis(logp, x0[..., None], axis=-1)[..., 0]
         nll = jnp.where(is_masked, ce * schedule.weight(t)[:, None], 0.0)
-    return jnp.sum(jnp.where(scored, nll, 0.0)), jnp.sum(scored)
+    return jnp.where(scored, nll, 0.0), scored
+
+
+def nelbo_sums(params, batch, rng, *, model_cfg: ModelConfig, diff_cfg: DiffusionConfig):
+    """(sum of per-token NELBO terms in nats, number of scored tokens) for one batch (`nelbo_terms`)."""
+    nll, scored = nelbo_terms(params, batch, rng, model_cfg=model_cfg, diff_cfg=diff_cfg)
+    return jnp.sum(nll), jnp.sum(scored)
