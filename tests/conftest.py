@@ -5,6 +5,7 @@ values, and pytest fixtures for things that cost time to build (trained runs, co
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -78,3 +79,36 @@ def toy_params(seed: int = 0, *, eos_bias: float = 0.0, vocab: int = 32, eos_id:
 @pytest.fixture(scope="session")
 def golden_dir() -> Path:
     return GOLDEN
+
+
+class CompileCount:
+    """How many times jax compiled a jitted function named `name` (`compiles`)."""
+
+    def __init__(self, name: str):
+        self.name, self.count = name, 0
+
+
+@contextlib.contextmanager
+def compiles(name: str):
+    """Counts compilations of the jitted function `name` inside the block, from `jax.log_compiles` records:
+    `with compiles("generate_masked") as c: ...; c.count`. Use settings no other test uses so that the first call
+    of the block must compile (jax caches programs across tests)."""
+    import logging
+
+    import jax
+
+    count = CompileCount(name)
+
+    class Handler(logging.Handler):
+        def emit(self, record):
+            if record.getMessage().startswith(f"Compiling jit({name})"):
+                count.count += 1
+
+    handler = Handler(level=logging.DEBUG)
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles(True):
+            yield count
+    finally:
+        logger.removeHandler(handler)

@@ -7,7 +7,6 @@ and identical NFE are required.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import jax
@@ -18,7 +17,7 @@ import pytest
 import dlmjax
 from dlmjax.config import ModelConfig
 from dlmjax.interchange import import_hf
-from conftest import ContextToy, toy_params
+from conftest import ContextToy, compiles, toy_params
 from dlmjax.models.transformer import init_params
 from dlmjax.sampling import Denoiser, SamplerSettings, dream_transfer_fractions, select_factor, select_threshold
 from dlmjax.sampling import generate_masked as generate
@@ -282,32 +281,16 @@ def test_confidence_eos_eot_flag_is_literal():
         assert plain[0, 0] > 0.9 and plain[0, 1] > 0.9
 
 
-class _CompileCounter(logging.Handler):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def emit(self, record):
-        if "Compiling" in record.getMessage() and "generate" in record.getMessage():
-            self.count += 1
-
-
 def test_one_compile_per_prompt_bucket(small):
     """Prompts of 5 and 9 tokens share the 16-slot bucket and one compiled program; 17 tokens needs another."""
     settings = settings_for(gen_length=8, steps=8, block_length=8, cache="dual")
-    counter = _CompileCounter()
-    logger = logging.getLogger("jax._src.interpreters.pxla")
-    logger.addHandler(counter)
-    try:
-        with jax.log_compiles(True):
-            dlmjax.generate(MODEL, small, [[3] * 5], settings)
-            first = counter.count
-            dlmjax.generate(MODEL, small, [[4] * 9], settings, jax.random.PRNGKey(5))
-            second = counter.count - first
-            dlmjax.generate(MODEL, small, [[4] * 17], settings)
-            third = counter.count - first - second
-    finally:
-        logger.removeHandler(counter)
+    with compiles("generate_masked") as counter:
+        dlmjax.generate(MODEL, small, [[3] * 5], settings)
+        first = counter.count
+        dlmjax.generate(MODEL, small, [[4] * 9], settings, jax.random.PRNGKey(5))
+        second = counter.count - first
+        dlmjax.generate(MODEL, small, [[4] * 17], settings)
+        third = counter.count - first - second
     assert (first, second, third) == (1, 0, 1)
 
 

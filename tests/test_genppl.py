@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import dataclasses
-import logging
 import json
 import math
 import sys
@@ -19,7 +18,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, tiny_run_config
+from conftest import REPO, compiles, tiny_run_config
 
 from dlmjax import genppl
 from dlmjax.checkpoint import save_params
@@ -180,31 +179,13 @@ def test_dlmjax_judge_gives_normalised_next_token_probabilities(fresh_ar_judge):
     assert np.ptp(logp[:, 5]) > 0  # slot 5 does see slot 4
 
 
-class CompileCounter(logging.Handler):
-    """Counts "Compiling jit(<name>)" records (`jax.log_compiles`), as tests/test_likelihood.py does."""
-
-    def __init__(self, name: str):
-        super().__init__(level=logging.DEBUG)
-        self.name, self.count = name, 0
-
-    def emit(self, record):
-        if record.getMessage().startswith(f"Compiling jit({self.name})"):
-            self.count += 1
-
-
 def test_the_dlmjax_judge_compiles_once_for_any_texts_of_one_length(fresh_ar_judge):
-    counter = CompileCounter("ar_token_log_probs")
-    logger = logging.getLogger("jax")
-    logger.addHandler(counter)
-    try:
-        with jax.log_compiles(True):  # a batch size no other test uses, so the first call must compile
-            judge_texts(["a", "bc" * 30, "", "hello there", "x" * 47, "why", "q"], fresh_ar_judge, length=48,
-                        batch_size=5)
-            first = counter.count
-            judge_texts(["other", "texts" * 9, "of other lengths"], fresh_ar_judge, length=48, batch_size=5)
-            second = counter.count - first
-    finally:
-        logger.removeHandler(counter)
+    with compiles("ar_token_log_probs") as counter:  # a batch size no other test uses: the first call compiles
+        judge_texts(["a", "bc" * 30, "", "hello there", "x" * 47, "why", "q"], fresh_ar_judge, length=48,
+                    batch_size=5)
+        first = counter.count
+        judge_texts(["other", "texts" * 9, "of other lengths"], fresh_ar_judge, length=48, batch_size=5)
+        second = counter.count - first
     assert (first, second) == (1, 0)
 
 

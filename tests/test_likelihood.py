@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_model_config
+from conftest import compiles, tiny_model_config
 
 from dlmjax.errors import SettingsError
 from dlmjax.likelihood import (count_table, greedy_check, greedy_checks, log_likelihood, log_likelihoods,
@@ -209,25 +208,9 @@ def test_golden_llada_loglik_and_is_greedy(golden_dir):
 # Compilation
 
 
-class _CompileCounter(logging.Handler):
-    """Counts "Compiling jit(<name>)" records (`jax.log_compiles`), as tests/test_sampling.py does."""
-
-    def __init__(self, name: str):
-        super().__init__(level=logging.DEBUG)
-        self.name, self.count = name, 0
-
-    def emit(self, record):
-        if record.getMessage().startswith(f"Compiling jit({self.name})"):
-            self.count += 1
-
-
 @pytest.mark.parametrize("name", ["_row_losses", "_greedy_fill"])
 def test_same_shapes_compile_once(tiny, name):
     denoiser, params = tiny
-    counter = _CompileCounter(name)
-    logger = logging.getLogger("jax")
-    logger.addHandler(counter)
-
     def run(requests, seed):
         if name == "_row_losses":  # settings used by no other test, so the first call must compile
             log_likelihoods(denoiser, params, requests, mask_id=MASK_ID, mc_num=6, batch_size=3, group=2,
@@ -235,14 +218,11 @@ def test_same_shapes_compile_once(tiny, name):
         else:
             greedy_checks(denoiser, params, requests, mask_id=MASK_ID, group=3)
 
-    try:
-        with jax.log_compiles(True):
-            run([(PROMPT, [1, 2]), (PROMPT[:3], [4, 5, 6, 7])], 0)
-            first = counter.count
-            run([(PROMPT[:4], [9]), (PROMPT, [3, 3, 3])], 1)  # other lengths, same bucket and group
-            second = counter.count - first
-    finally:
-        logger.removeHandler(counter)
+    with compiles(name) as counter:
+        run([(PROMPT, [1, 2]), (PROMPT[:3], [4, 5, 6, 7])], 0)
+        first = counter.count
+        run([(PROMPT[:4], [9]), (PROMPT, [3, 3, 3])], 1)  # other lengths, same bucket and group
+        second = counter.count - first
     assert (first, second) == (1, 0)
 
 

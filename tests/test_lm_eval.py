@@ -9,14 +9,13 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PYTHON, REPO, tiny_run_config
+from conftest import PYTHON, REPO, compiles, tiny_run_config
 from lm_eval.api.instance import Instance
 
 from dlmjax.errors import DlmjaxError, SettingsError
@@ -180,18 +179,6 @@ def test_generation_plans_in_closed_form():
         plan_generation(bd3, ModelArgs(checkpoint="c", steps=3), 8, 4)
 
 
-class _CompileCounter(logging.Handler):
-    """Counts "Compiling jit(generate_masked)" records (`jax.log_compiles`), as tests/test_sampling.py does."""
-
-    def __init__(self):
-        super().__init__(level=logging.DEBUG)
-        self.count = 0
-
-    def emit(self, record):
-        if record.getMessage().startswith("Compiling jit(generate_masked)"):
-            self.count += 1
-
-
 def _request(context, **gen_kwargs):
     return Instance("generate_until", {}, (context, gen_kwargs), 0)
 
@@ -200,28 +187,21 @@ def test_generate_until_respects_max_gen_toks_and_stop_strings_and_compiles_once
     """Batched generations equal one-row calls of the sampler front door with the plan's settings (8 slots in two
     blocks of 4, 8 steps; max_gen_toks=3 makes one block of 4 slots and 4 steps), cut to max_gen_toks tokens, at
     EOS / end-of-turn and before the first stop string; a second call of the same shapes compiles nothing."""
-    import jax
-
     from dlmjax.inference import SampleRequest, sample_generation
 
     run = lm.run
     prompts = ["Question: What can you do?\nAnswer:", "Hello there", "Say it"]  # one width bucket (16)
     caps = [8, 3, 8]
-    counter = _CompileCounter()
-    logging.getLogger("jax").addHandler(counter)
-    try:
-        with jax.log_compiles(True):
-            first = lm.generate_ids([_request(p, until=[], max_gen_toks=c) for p, c in zip(prompts, caps)],
-                                    disable_tqdm=True)
-            compiled = counter.count
-            text0 = first[0][0]
-            stop = text0[2:4]  # a stop string the first generation holds
-            again = lm.generate_ids([_request("Question: What can you do?\nAnswer:", until=[stop], max_gen_toks=8),
-                                     _request("Hi there", until=["\n"], max_gen_toks=3),
-                                     _request("Say that", max_gen_toks=8, do_sample=False)], disable_tqdm=True)
-            recompiled = counter.count - compiled
-    finally:
-        logging.getLogger("jax").removeHandler(counter)
+    with compiles("generate_masked") as counter:
+        first = lm.generate_ids([_request(p, until=[], max_gen_toks=c) for p, c in zip(prompts, caps)],
+                                disable_tqdm=True)
+        compiled = counter.count
+        text0 = first[0][0]
+        stop = text0[2:4]  # a stop string the first generation holds
+        again = lm.generate_ids([_request("Question: What can you do?\nAnswer:", until=[stop], max_gen_toks=8),
+                                 _request("Hi there", until=["\n"], max_gen_toks=3),
+                                 _request("Say that", max_gen_toks=8, do_sample=False)], disable_tqdm=True)
+        recompiled = counter.count - compiled
     assert compiled <= 2 and recompiled == 0  # one program per plan (8 slots, 4 slots); none again
     for prompt, cap, (text, ids) in zip(prompts, caps, first):
         gen, steps = (8, 8) if cap == 8 else (4, 4)
