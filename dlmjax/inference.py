@@ -67,8 +67,9 @@ class SampleRequest:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
 
 
-# The masked sampler's own parameters: a block-diffusion run refuses them instead of ignoring them.
-MASKED_ONLY = ("cfg_scale", "cache", "threshold", "factor", "alg", "alg_temp")
+# The masked sampler's own parameters: a block-diffusion run refuses them instead of ignoring them. The parallel
+# commit rules (`threshold`, `factor`) are not among them: the block sampler takes them as its commit rule.
+MASKED_ONLY = ("cfg_scale", "cache", "alg", "alg_temp")
 
 
 def flag_of(field: str) -> str:
@@ -191,7 +192,7 @@ def sampler_settings(cfg: Config, tokens: SpecialTokens, prompt_len: int,
         return BlockSamplerSettings.bd3(
             max_length=max_length, block_length=block,
             steps_per_block=given.get("steps_per_block", s.steps_per_block), remasking=remasking,
-            tokens=tokens, **proposal)
+            threshold=given.get("threshold"), factor=given.get("factor"), tokens=tokens, **proposal)
     if "steps_per_block" in given:
         raise SettingsError("--steps-per-block is the block sampler's (diffusion.objective=bd3 runs); the masked "
                             "sampler takes --steps over all blocks", field="steps_per_block")

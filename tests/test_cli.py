@@ -93,7 +93,9 @@ def test_block_diffusion_run_samples_with_the_block_sampler(bd3_run_dir, capsys)
     assert out["tokens"][1][:5] == [257, 49, 43, 50, 61] and all(259 not in row for row in out["tokens"])
     assert main(["sample", "--checkpoint", str(bd3_run_dir), "--prompt-ids", "257,49", "--gen-length", "5"]) == 2
     assert "is not a multiple of the block length 4" in capsys.readouterr().err
-    for flags in (["--cfg-scale", "1"], ["--cache", "dual"], ["--threshold", "0.9"]):
+    for flags in (["--cfg-scale", "1"], ["--cache", "dual"], ["--alg", "entropy"]):
         assert main(["sample", "--checkpoint", str(bd3_run_dir), "--prompt-ids", "257,49", *flags]) == 2
         err = capsys.readouterr().err
         assert re.search(f"{flags[0]}.*belong to the masked sampler", err) and len(err.strip().splitlines()) == 1
+    # The parallel rules work in the block sampler too.
+    assert main(["sample", "--checkpoint", str(bd3_run_dir), "--prompt-ids", "257,49", "--threshold", "0.9"]) == 0

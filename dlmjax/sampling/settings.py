@@ -216,7 +216,10 @@ class BlockSamplerSettings:
         finished: its later blocks hold `pad_id` and are frozen, and sampling stops when every row is done.
       proposal: `LladaProposal` (temperature, top-k / top-p, confidence "low_confidence" or "random"). The model
         never proposes the mask id (SUBS).
-      rule: The commit rule (default LLaDA's `TransferTable` over the block's masked slots).
+      rule: The commit rule (default LLaDA's `TransferTable` over the block's masked slots). The parallel rules
+        (`Threshold`, `Factor`, `DreamThreshold`) commit the best masked slot of a block at every step plus every
+        other slot they accept, so a block of `L'` slots takes at most `L'` steps (`DreamThreshold`: `S + L'`);
+        `Threshold` and `Factor` run until the block is filled and ignore `steps_per_block`.
       cache_length: KV-cache slots per row; None sizes it exactly (`max_length - block_length`: the last block is
         never committed). Too small a value is an error, never a silent overwrite.
     """
@@ -254,16 +257,25 @@ class BlockSamplerSettings:
 
     @classmethod
     def bd3(cls, *, max_length: int, block_length: int, steps_per_block: int | None = None,
-            remasking: str = Confidence.LOW_CONFIDENCE, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-            cache_length: int | None = None, tokens: SpecialTokens | None = None, mask_id: int | None = None,
-            eos_id: int | None = None, pad_id: int | None = None) -> "BlockSamplerSettings":
-        """Settings in flat keywords: LLaDA's transfer table in each block, ranked by `remasking` (low_confidence
-        or random), proposals at `temperature` with top-k / top-p."""
+            remasking: str = Confidence.LOW_CONFIDENCE, threshold: float | None = None, factor: float | None = None,
+            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, cache_length: int | None = None,
+            tokens: SpecialTokens | None = None, mask_id: int | None = None, eos_id: int | None = None,
+            pad_id: int | None = None) -> "BlockSamplerSettings":
+        """Settings in flat keywords: in each block LLaDA's transfer table (`steps_per_block` steps), or with
+        `threshold` (in (0, 1]) Fast-dLLM's threshold rule (each step commits the best masked slot plus every masked
+        slot whose confidence is >= threshold), or with `factor` (> 0) its factor rule (`Factor`); one of the two
+        at most. Slots are ranked by `remasking` (low_confidence or random); proposals at `temperature` with
+        top-k / top-p."""
+        if threshold is not None and factor is not None:
+            check.fail(cls.__name__, "factor", factor, f"threshold={threshold} and factor are two rules for the "
+                       "same choice; set one of them")
+        rule = Threshold(threshold) if threshold is not None else Factor(factor) if factor is not None \
+            else TransferTable()
         remasking = parse_choice(Confidence, remasking, owner=cls.__name__, field="remasking",  # the caller's name
                                  allowed=BLOCK_CONFIDENCES)
         proposal = LladaProposal(temperature=temperature, top_k=top_k, top_p=top_p, confidence=remasking)
         return cls(max_length=max_length, block_length=block_length, steps_per_block=steps_per_block,
-                   proposal=proposal, cache_length=cache_length,
+                   proposal=proposal, rule=rule, cache_length=cache_length,
                    tokens=special_tokens(tokens, mask_id=mask_id, eos_id=eos_id, pad_id=pad_id))
 
 
