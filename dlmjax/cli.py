@@ -181,7 +181,8 @@ def _request(args):
     return SampleRequest(
         gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
         steps_per_block=args.steps_per_block, remasking=args.remasking, temperature=args.temperature,
-        cfg_scale=args.cfg_scale, cache=args.cache, threshold=args.threshold, factor=args.factor, alg=args.alg,
+        cfg_scale=args.cfg_scale, cache=args.cache, threshold=args.threshold, factor=args.factor,
+        entropy_bound=args.entropy_bound, alg=args.alg,
         alg_temp=args.alg_temp, top_p=args.top_p, top_k=args.top_k, stop_at_eos=args.stop_at_eos or None)
 
 
@@ -441,6 +442,9 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
                    "confidence_threshold, Dream's rule)")
     p.add_argument("--factor", type=_real(0.0, low_open=True, what="a number > 0"),
                    help="parallel decoding: Fast-dLLM's factor rule")
+    p.add_argument("--entropy-bound", type=_real(0.0, what="a number of nats >= 0"),
+                   help="parallel decoding: commit the lowest-entropy masked slots while their summed entropy "
+                   "stays <= X (at least one per step; ranks by entropy)")
     p.add_argument("--alg", choices=[str(a) for a in DreamAlg],
                    help="Dream's diffusion_generate algorithm (one block over the generation by default)")
     p.add_argument("--alg-temp", type=_real(0.0, what="a number >= 0"),

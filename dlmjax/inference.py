@@ -30,7 +30,7 @@ from dlmjax.sampling import (BlockSamplerSettings, Denoiser, SamplerSettings, ge
                              generate_blocks_uncached, generate_masked)
 from dlmjax.sampling.api import check_token_rows
 from dlmjax.sampling.api import generate as generate_rows
-from dlmjax.sampling.choices import BLOCK_CONFIDENCES, CacheKind
+from dlmjax.sampling.choices import BLOCK_CONFIDENCES, CacheKind, Confidence
 from dlmjax.sampling.tokens import SpecialTokens
 from dlmjax.text import ReleaseText, RunText, generated_text
 
@@ -57,6 +57,7 @@ class SampleRequest:
     cache: str | None = None
     threshold: float | None = None
     factor: float | None = None
+    entropy_bound: float | None = None
     alg: str | None = None
     alg_temp: float | None = None
     top_p: float | None = None
@@ -177,10 +178,13 @@ def sampler_settings(cfg: Config, tokens: SpecialTokens, prompt_len: int,
                 f"{' '.join(flag_of(k) for k in refused)}: this checkpoint (diffusion.objective=bd3) samples with the "
                 "BD3 block sampler, which has an exact KV cache and no guidance; these belong to the masked sampler",
                 field=refused[0])
-        remasking = given.get("remasking", s.remasking)
-        if remasking not in BLOCK_CONFIDENCES:
+        # The entropy-bounded rule ranks by entropy: its default remasking, and the one it allows.
+        bounded = "entropy_bound" in given
+        remasking = given.get("remasking", None if bounded else s.remasking)
+        allowed = (*BLOCK_CONFIDENCES, Confidence.ENTROPY) if bounded else BLOCK_CONFIDENCES
+        if remasking is not None and remasking not in allowed:
             raise SettingsError(f"--remasking={remasking!r} is not a block-sampler rule; choose one of "
-                                f"{[str(c) for c in BLOCK_CONFIDENCES]}", field="remasking")
+                                f"{[str(c) for c in allowed]}", field="remasking")
         block = given.get("block_length", s.block_length or cfg.diffusion.block_size or cfg.data.seq_len)
         max_length = prompt_len + gen
         if max_length % block:
@@ -192,7 +196,8 @@ def sampler_settings(cfg: Config, tokens: SpecialTokens, prompt_len: int,
         return BlockSamplerSettings.bd3(
             max_length=max_length, block_length=block,
             steps_per_block=given.get("steps_per_block", s.steps_per_block), remasking=remasking,
-            threshold=given.get("threshold"), factor=given.get("factor"), tokens=tokens, **proposal)
+            threshold=given.get("threshold"), factor=given.get("factor"), entropy_bound=given.get("entropy_bound"),
+            tokens=tokens, **proposal)
     if "steps_per_block" in given:
         raise SettingsError("--steps-per-block is the block sampler's (diffusion.objective=bd3 runs); the masked "
                             "sampler takes --steps over all blocks", field="steps_per_block")
@@ -201,16 +206,18 @@ def sampler_settings(cfg: Config, tokens: SpecialTokens, prompt_len: int,
     common = dict(block_length=block, cfg_scale=given.get("cfg_scale", 0.0),
                   stop_at_eos=given.get("stop_at_eos", False), tokens=tokens, **proposal)
     if "alg" in given:
-        clash = [k for k in ("cache", "factor", "remasking") if k in given and given[k] != CacheKind.NONE]
+        clash = [k for k in ("cache", "factor", "entropy_bound", "remasking") if k in given
+                 and given[k] != CacheKind.NONE]
         if clash:
             raise SettingsError(f"--alg selects Dream's decoding; it takes no {' or '.join(map(flag_of, clash))}",
                                 field=clash[0])
         return SamplerSettings.dream(max_new_tokens=gen, steps=steps, alg=given["alg"],
                                      alg_temp=given.get("alg_temp", 0.0), threshold=given.get("threshold"),
                                      **common)
-    return SamplerSettings.llada(gen_length=gen, steps=steps, remasking=given.get("remasking", s.remasking),
-                            cache=given.get("cache", CacheKind.NONE), threshold=given.get("threshold"),
-                            factor=given.get("factor"), **common)
+    remasking = given.get("remasking", None if "entropy_bound" in given else s.remasking)
+    return SamplerSettings.llada(gen_length=gen, steps=steps, remasking=remasking,
+                                 cache=given.get("cache", CacheKind.NONE), threshold=given.get("threshold"),
+                                 factor=given.get("factor"), entropy_bound=given.get("entropy_bound"), **common)
 
 
 # -- sampling ---------------------------------------------------------------------------------------------------

@@ -13,8 +13,8 @@ step budget `S` (static), which the settings own and pass in:
 
 Fixed-count rules commit a number of slots per step that does not depend on the scores (`TransferTable`,
 `DreamTransfer`, `DreamOrigin`); the parallel rules commit every slot that is confident enough, at least one
-per step (`Threshold`, `Factor`, `DreamThreshold`). Ties in confidence go to the lower slot index (a stable
-sort; `torch.topk` leaves them unspecified).
+per step (`Threshold`, `Factor`, `DreamThreshold`, `EntropyBound`). Ties in confidence go to the lower slot index
+(a stable sort; `torch.topk` leaves them unspecified).
 """
 from __future__ import annotations
 
@@ -69,6 +69,23 @@ def select_factor(scores: jax.Array, factor: float) -> jax.Array:
     hit = (ordered >= theta) & (n <= count[:, None])
     leading = jnp.cumprod(hit.astype(jnp.int32), axis=-1).sum(axis=-1)
     take = jnp.where(leading == count - 1, count, leading)
+    return eligible & (rank < take[:, None])
+
+
+def select_entropy_bound(scores: jax.Array, bound: float) -> jax.Array:
+    """The entropy-bounded rule's choice, bool[B, W], from `scores` = negative entropies (nats) of the slots.
+
+    Per row the eligible slots are ranked by entropy, lowest first (ties: lower slot first), and the longest
+    prefix whose summed entropy is <= `bound` is taken, but always at least the first slot. Entropies are clamped
+    at 0: the `1e-10` inside the confidence's log can put a certain slot's score a hair above 0, and a negative
+    entropy would let later slots ride on it (the clamp also keeps the prefix sums non-decreasing).
+    """
+    eligible = scores > -jnp.inf
+    rank = ranks(scores)
+    ordered = jnp.take_along_axis(scores, jnp.argsort(rank, axis=-1), axis=-1)  # highest score = lowest entropy
+    # Ineligible slots sort last; an infinite entropy keeps every prefix that reaches them above any bound.
+    entropy = jnp.where(ordered > -jnp.inf, jnp.maximum(-ordered, 0), jnp.inf)
+    take = jnp.maximum((jnp.cumsum(entropy, axis=-1) <= bound).sum(axis=-1), 1)
     return eligible & (rank < take[:, None])
 
 
@@ -204,6 +221,22 @@ class Factor(UntilFilled):
         return select_factor(scores, self.factor), state
 
 
+@dataclasses.dataclass(frozen=True)
+class EntropyBound(UntilFilled):
+    """EB-sampler's entropy-bounded unmasking (`select_entropy_bound`): the lowest-entropy slots whose entropies sum
+    to at most `bound` nats, at least one per step. Needs scores that are negative entropies (a proposal with
+    `confidence="entropy"`; the settings refuse any other). `bound=0` commits one slot per step (more only where
+    entropies are exactly 0)."""
+
+    bound: float = 0.1
+
+    def __post_init__(self):
+        check.nonnegative_real("EntropyBound", "bound", self.bound, off="0 commits one slot per step")
+
+    def commits(self, scores, state, step, key, steps):
+        return select_entropy_bound(scores, self.bound), state
+
+
 class FixedSteps:
     """Mixin of Dream's time-based rules: no state, and the block runs exactly its `S` steps (the last one commits
     every slot still masked)."""
@@ -297,6 +330,6 @@ class DreamThreshold:
         return steps + block_length
 
 
-__all__ = ["CommitRule", "DreamOrigin", "DreamTransfer", "DreamThreshold", "DreamThresholdState", "Factor",
-           "TableState", "Threshold", "TransferTable", "dream_transfer_fractions", "ranks", "select_commits",
-           "select_factor", "select_sampled", "select_threshold", "transfer_counts"]
+__all__ = ["CommitRule", "DreamOrigin", "DreamTransfer", "DreamThreshold", "DreamThresholdState", "EntropyBound",
+           "Factor", "TableState", "Threshold", "TransferTable", "dream_transfer_fractions", "ranks", "select_commits",
+           "select_entropy_bound", "select_factor", "select_sampled", "select_threshold", "transfer_counts"]

@@ -20,8 +20,8 @@ from dlmjax.sampling.cache import CacheMode, DualCache, NoCache, PrefixCache
 from dlmjax.sampling.choices import BLOCK_CONFIDENCES, CacheKind, Confidence, DreamAlg, parse_choice
 from dlmjax.sampling.guidance import Guidance
 from dlmjax.sampling.proposals import DreamProposal, LladaProposal, Proposal
-from dlmjax.sampling.rules import (CommitRule, DreamOrigin, DreamTransfer, DreamThreshold, Factor, Threshold,
-                                   TransferTable)
+from dlmjax.sampling.rules import (CommitRule, DreamOrigin, DreamTransfer, DreamThreshold, EntropyBound, Factor,
+                                   Threshold, TransferTable)
 from dlmjax.sampling.tokens import SpecialTokens
 
 CACHE_MODES: dict[CacheKind, CacheMode] = {CacheKind.NONE: NoCache(), CacheKind.PREFIX: PrefixCache(),
@@ -49,7 +49,28 @@ def _check_parts(owner: str, settings) -> None:
         check.fail(owner, "proposal", settings.proposal, "use a LladaProposal or a DreamProposal")
     if not all(callable(getattr(settings.rule, m, None)) for m in _RULE_METHODS):
         check.fail(owner, "rule", settings.rule, f"use a commit rule (dlmjax.sampling.rules: {list(_RULE_METHODS)})")
+    if isinstance(settings.rule, EntropyBound) and settings.proposal.confidence != Confidence.ENTROPY:
+        # The rule sums the scores as entropies; probabilities or margins would be read as nonsense bounds.
+        kind = str(settings.proposal.confidence)
+        check.fail(owner, "rule", settings.rule, "EntropyBound needs scores that are negative entropies: a "
+                   f"proposal with confidence='entropy' (remasking='entropy'), not {kind!r}")
     settings.proposal.check_tokens(settings.tokens)
+
+
+def _parallel_rule(owner: str, threshold, factor, entropy_bound) -> CommitRule | None:
+    """The parallel rule the flat keywords choose (None: none set); at most one of them."""
+    given = {k: v for k, v in (("threshold", threshold), ("factor", factor), ("entropy_bound", entropy_bound))
+             if v is not None}
+    if len(given) > 1:
+        (first, a), (field, value) = list(given.items())[:2]
+        check.fail(owner, field, value, f"{first}={a} and {field} are two rules for the same choice; set one of them")
+    if threshold is not None:
+        return Threshold(threshold)
+    if factor is not None:
+        return Factor(factor)
+    if entropy_bound is not None:
+        return EntropyBound(entropy_bound)
+    return None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -65,8 +86,8 @@ class SamplerSettings:
       tokens: The model's special token ids (mask; EOS/EoT/pad for the flags that use them).
       proposal: What a step proposes at each slot and the confidence that ranks the slots (`LladaProposal`,
         `DreamProposal`).
-      rule: Which slots a step commits (`TransferTable`, `Threshold`, `Factor`, `DreamTransfer`, `DreamThreshold`,
-        `DreamOrigin`, or any object with the `CommitRule` methods).
+      rule: Which slots a step commits (`TransferTable`, `Threshold`, `Factor`, `EntropyBound` (with the entropy
+        confidence), `DreamTransfer`, `DreamThreshold`, `DreamOrigin`, or any object with the `CommitRule` methods).
       cache: Where a step's block logits come from (`NoCache`, `PrefixCache`, `DualCache`).
       guidance: Classifier-free guidance (`Guidance(cfg_scale)`; 0 is off).
       stop_at_eos: A row that has generated `tokens.eos_id` is done once its block is finished: its later slots are
@@ -129,23 +150,22 @@ class SamplerSettings:
 
     @classmethod
     def llada(cls, *, gen_length: int, steps: int, block_length: int | None = None,
-              remasking: str = Confidence.LOW_CONFIDENCE, threshold: float | None = None,
-              factor: float | None = None, cache: str = CacheKind.NONE, temperature: float = 0.0, top_k: int = 0,
+              remasking: str | None = None, threshold: float | None = None, factor: float | None = None,
+              entropy_bound: float | None = None, cache: str = CacheKind.NONE, temperature: float = 0.0, top_k: int = 0,
               top_p: float = 1.0, cfg_scale: float = 0.0, confidence_dtype: str = "float32",
               logits_eos_inf: bool = False, confidence_eos_eot_inf: bool = False, stop_at_eos: bool = False,
               tokens: SpecialTokens | None = None, mask_id: int | None = None, eos_id: int | None = None,
               eot_id: int | None = None, pad_id: int | None = None) -> "SamplerSettings":
         """Settings in LLaDA / Fast-dLLM `generate` terms.
 
-        `remasking`: low_confidence, random, margin or entropy. `threshold` (in (0, 1]) or `factor` (> 0) choose
-        Fast-dLLM's parallel rules instead of LLaDA's transfer table (one of them at most). `cache`: none, prefix
-        or dual. Token ids come from `tokens` or the id keywords.
+        `remasking`: low_confidence (the default), random, margin or entropy. `threshold` (in (0, 1]) or `factor`
+        (> 0) choose Fast-dLLM's parallel rules instead of LLaDA's transfer table, `entropy_bound` (nats, >= 0)
+        the entropy-bounded rule (`EntropyBound`; remasking defaults to entropy then, and must be it); one of the
+        three at most. `cache`: none, prefix or dual. Token ids come from `tokens` or the id keywords.
         """
-        if threshold is not None and factor is not None:
-            check.fail("SamplerSettings", "factor", factor, f"threshold={threshold} and factor are two rules for "
-                       "the same choice; set one of them")
-        rule = Threshold(threshold) if threshold is not None else Factor(factor) if factor is not None \
-            else TransferTable()
+        rule = _parallel_rule("SamplerSettings", threshold, factor, entropy_bound) or TransferTable()
+        if remasking is None:
+            remasking = Confidence.ENTROPY if entropy_bound is not None else Confidence.LOW_CONFIDENCE
         # The choices are checked under the names the caller used (`remasking` is the proposal's `confidence`).
         cache_kind = parse_choice(CacheKind, cache, owner="SamplerSettings", field="cache")
         remasking = parse_choice(Confidence, remasking, owner="SamplerSettings", field="remasking")
@@ -214,12 +234,13 @@ class BlockSamplerSettings:
         takes fewer steps.
       tokens: The model's special token ids. With `eos_id` set, a row that generates it is done once its block is
         finished: its later blocks hold `pad_id` and are frozen, and sampling stops when every row is done.
-      proposal: `LladaProposal` (temperature, top-k / top-p, confidence "low_confidence" or "random"). The model
-        never proposes the mask id (SUBS).
+      proposal: `LladaProposal` (temperature, top-k / top-p, confidence "low_confidence" or "random", or "entropy"
+        for `EntropyBound`). The model never proposes the mask id (SUBS).
       rule: The commit rule (default LLaDA's `TransferTable` over the block's masked slots). The parallel rules
-        (`Threshold`, `Factor`, `DreamThreshold`) commit the best masked slot of a block at every step plus every
-        other slot they accept, so a block of `L'` slots takes at most `L'` steps (`DreamThreshold`: `S + L'`);
-        `Threshold` and `Factor` run until the block is filled and ignore `steps_per_block`.
+        (`Threshold`, `Factor`, `EntropyBound`, `DreamThreshold`) commit the best masked slot of a block at every
+        step plus every other slot they accept, so a block of `L'` slots takes at most `L'` steps (`DreamThreshold`:
+        `S + L'`); `Threshold`, `Factor` and `EntropyBound` run until the block is filled and ignore
+        `steps_per_block`.
       cache_length: KV-cache slots per row; None sizes it exactly (`max_length - block_length`: the last block is
         never committed). Too small a value is an error, never a silent overwrite.
     """
@@ -257,22 +278,26 @@ class BlockSamplerSettings:
 
     @classmethod
     def bd3(cls, *, max_length: int, block_length: int, steps_per_block: int | None = None,
-            remasking: str = Confidence.LOW_CONFIDENCE, threshold: float | None = None, factor: float | None = None,
-            temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, cache_length: int | None = None,
+            remasking: str | None = None, threshold: float | None = None, factor: float | None = None,
+            entropy_bound: float | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+            cache_length: int | None = None,
             tokens: SpecialTokens | None = None, mask_id: int | None = None, eos_id: int | None = None,
             pad_id: int | None = None) -> "BlockSamplerSettings":
         """Settings in flat keywords: in each block LLaDA's transfer table (`steps_per_block` steps), or with
         `threshold` (in (0, 1]) Fast-dLLM's threshold rule (each step commits the best masked slot plus every masked
-        slot whose confidence is >= threshold), or with `factor` (> 0) its factor rule (`Factor`); one of the two
-        at most. Slots are ranked by `remasking` (low_confidence or random); proposals at `temperature` with
-        top-k / top-p."""
-        if threshold is not None and factor is not None:
-            check.fail(cls.__name__, "factor", factor, f"threshold={threshold} and factor are two rules for the "
-                       "same choice; set one of them")
-        rule = Threshold(threshold) if threshold is not None else Factor(factor) if factor is not None \
-            else TransferTable()
+        slot whose confidence is >= threshold), or with `factor` (> 0) its factor rule (`Factor`), or with
+        `entropy_bound` (nats, >= 0) the entropy-bounded rule (`EntropyBound`: each step commits the lowest-entropy
+        masked slots whose entropies sum to at most the bound, at least one); one of the three at most. Slots are
+        ranked by `remasking` (low_confidence, the default, or random; entropy, the default and the only choice,
+        with `entropy_bound`); proposals at `temperature` with top-k / top-p."""
+        rule = _parallel_rule(cls.__name__, threshold, factor, entropy_bound) or TransferTable()
+        bounded = entropy_bound is not None
+        if remasking is None:
+            remasking = Confidence.ENTROPY if bounded else Confidence.LOW_CONFIDENCE
+        # With entropy_bound any other ranking is named as a clash with the rule (`_check_parts`), not as unknown.
+        allowed = BLOCK_CONFIDENCES + ((Confidence.ENTROPY,) if bounded else ())
         remasking = parse_choice(Confidence, remasking, owner=cls.__name__, field="remasking",  # the caller's name
-                                 allowed=BLOCK_CONFIDENCES)
+                                 allowed=allowed)
         proposal = LladaProposal(temperature=temperature, top_k=top_k, top_p=top_p, confidence=remasking)
         return cls(max_length=max_length, block_length=block_length, steps_per_block=steps_per_block,
                    proposal=proposal, rule=rule, cache_length=cache_length,
