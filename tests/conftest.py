@@ -112,3 +112,16 @@ def compiles(name: str):
             yield count
     finally:
         logger.removeHandler(handler)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_jax_caches():
+    """Drops jax's compiled programs after each test file: a full run holds thousands of them otherwise, and the
+    process grew until an XLA compile late in the suite died (segfault / abort) while every file passed alone."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()

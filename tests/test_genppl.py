@@ -293,7 +293,7 @@ CORPUS = ["the cat sat on the mat", "a dog ran in the park", "diffusion models d
 
 
 @pytest.fixture(scope="module")
-def tiny_gpt2(tmp_path_factory):
+def tiny_gpt2(tmp_path_factory):  # used only by `torch`-marked tests
     """A 2-layer d_model 32 random GPT-2 (context 16) and a byte-level BPE tokenizer, saved as a Hugging Face
     folder."""
     import torch
@@ -324,6 +324,7 @@ def direct_log_probs(model, ids):
     return np.array([0.0] + [logp[j - 1, ids[j]] for j in range(1, len(ids))])
 
 
+@pytest.mark.torch
 def test_hugging_face_judge_matches_a_direct_torch_computation(tiny_gpt2):
     import transformers
 
@@ -363,6 +364,7 @@ def test_hugging_face_judge_matches_a_direct_torch_computation(tiny_gpt2):
     np.testing.assert_allclose(score.gen_ppl, math.exp(total / count), rtol=1e-5)
 
 
+@pytest.mark.torch
 def test_hugging_face_judge_that_cannot_load_is_one_line(tiny_gpt2, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(InputError, match=r"--judge hf:\S+: cannot load a Hugging Face causal LM") as err:
