@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import compiles
 
 from dlmjax.config import ModelConfig
 from dlmjax.diffusion.block import two_stream_inputs
@@ -349,34 +349,16 @@ def test_errors_name_the_problem():
                         prompt_mask=np.ones((1, 5), bool))
 
 
-class _CompileCounter(logging.Handler):
-    """Counts "Compiling jit(generate_blocks) ..." records (one per lowering, none on a cache hit)."""
-
-    def __init__(self):
-        super().__init__(level=logging.DEBUG)
-        self.count = 0
-
-    def emit(self, record):
-        if record.getMessage().startswith("Compiling jit(generate_blocks)"):
-            self.count += 1
-
-
 def test_generate_blocks_compiles_once_per_shape():
     settings = make_settings(max_length=8, block_length=2, steps_per_block=1)
     prompt_a, mask_a = make_prompt([3, 1, 2], seed=5)  # shapes no other test uses
     prompt_b, mask_b = make_prompt([2, 3, 3], seed=6)
-    counter = _CompileCounter()
-    logger = logging.getLogger("jax")
-    logger.addHandler(counter)
-    try:
-        with jax.log_compiles(True):
-            run = lambda p, m, s, seed: generate_blocks(  # noqa: E731
-                CFG, jax.tree.map(lambda w: w * seed, PARAMS), p, s, jax.random.key(seed),
-                prompt_mask=m)[0].block_until_ready()
-            run(prompt_a, mask_a, settings, 1)
-            first = counter.count
-            run(prompt_b, mask_b, settings, 2)  # new prompt values, mask, key and params: no recompile
-            second = counter.count - first
-    finally:
-        logger.removeHandler(counter)
+    with compiles("generate_blocks") as counter:
+        run = lambda p, m, s, seed: generate_blocks(  # noqa: E731
+            CFG, jax.tree.map(lambda w: w * seed, PARAMS), p, s, jax.random.key(seed),
+            prompt_mask=m)[0].block_until_ready()
+        run(prompt_a, mask_a, settings, 1)
+        first = counter.count
+        run(prompt_b, mask_b, settings, 2)  # new prompt values, mask, key and params: no recompile
+        second = counter.count - first
     assert (first, second) == (1, 0)

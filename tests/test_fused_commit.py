@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import compiles
 
 from dlmjax.config import ModelConfig
 from dlmjax.models.transformer import Transformer, init_params
@@ -291,34 +291,16 @@ def test_fused_with_the_cache_kernel_in_interpret_mode():
 # Compilation
 
 
-class _CompileCounter(logging.Handler):
-    """Counts "Compiling jit(generate_blocks) ..." records (one per lowering, none on a cache hit)."""
-
-    def __init__(self):
-        super().__init__(level=logging.DEBUG)
-        self.count = 0
-
-    def emit(self, record):
-        if record.getMessage().startswith("Compiling jit(generate_blocks)"):
-            self.count += 1
-
-
 def test_fused_sampler_compiles_once_per_shape():
     settings = settings_for(8, 2, 1)
     prompt_a, mask_a = make_prompt([3, 1, 2, 1], seed=5)  # shapes no other test uses
     prompt_b, mask_b = make_prompt([2, 3, 3, 2], seed=6)
-    counter = _CompileCounter()
-    logger = logging.getLogger("jax")
-    logger.addHandler(counter)
-    try:
-        with jax.log_compiles(True):
-            run = lambda p, m, seed: generate_blocks(  # noqa: E731
-                Denoiser(CFG), jax.tree.map(lambda w: w * seed, PARAMS), p, settings, jax.random.key(seed),
-                prompt_mask=m, fuse_commits=True)[0].block_until_ready()
-            run(prompt_a, mask_a, 1)
-            first = counter.count
-            run(prompt_b, mask_b, 2)  # new prompt values, mask, key and params: no recompile
-            second = counter.count - first
-    finally:
-        logger.removeHandler(counter)
+    with compiles("generate_blocks") as counter:
+        run = lambda p, m, seed: generate_blocks(  # noqa: E731
+            Denoiser(CFG), jax.tree.map(lambda w: w * seed, PARAMS), p, settings, jax.random.key(seed),
+            prompt_mask=m, fuse_commits=True)[0].block_until_ready()
+        run(prompt_a, mask_a, 1)
+        first = counter.count
+        run(prompt_b, mask_b, 2)  # new prompt values, mask, key and params: no recompile
+        second = counter.count - first
     assert (first, second) == (1, 0)

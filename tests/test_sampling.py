@@ -7,7 +7,6 @@ draws, the same keys (the same noise is fed to both sides, never compared as str
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,7 @@ from dlmjax.sampling import (
     step_keys,
     transfer_counts,
 )
-from conftest import ContextToy, toy_params
+from conftest import ContextToy, compiles, toy_params
 from dlmjax.sampling import DreamProposal, DreamTransfer, DualCache, SpecialTokens
 from dlmjax.sampling import generate_masked as generate
 
@@ -281,23 +280,6 @@ def test_gumbel_noise_is_float64_under_x64():
 # Compilation
 
 
-class _CompileCounter(logging.Handler):
-    """Counts XLA compilations of the jitted `generate`.
-
-    With `jax.log_compiles(True)` JAX logs "Compiling jit(<name>) ..." (logger `jax._src.interpreters
-    .pxla`, WARNING) once per lowering for compilation and never on a cache hit. This uses public
-    switches only and, unlike counting traces, sees every cause of a recompile.
-    """
-
-    def __init__(self):
-        super().__init__(level=logging.DEBUG)
-        self.count = 0
-
-    def emit(self, record):
-        if record.getMessage().startswith("Compiling jit(generate_masked)"):
-            self.count += 1
-
-
 def test_generate_compiles_once_per_shape_and_settings():
     settings = SamplerSettings.llada(mask_id=MASK_ID, gen_length=6, block_length=3, steps=4)
     params = make_params()
@@ -305,20 +287,14 @@ def test_generate_compiles_once_per_shape_and_settings():
     prompt_a = jnp.asarray(make_prompt(3, 5, seed=1))
     prompt_b = jnp.asarray(make_prompt(3, 5, seed=2))
     key_a, key_b = jax.random.key(0), jax.random.key(1)
-    counter = _CompileCounter()
-    logger = logging.getLogger("jax")
-    logger.addHandler(counter)
-    try:
-        with jax.log_compiles(True):
-            generate(TOY, params, prompt_a, settings, key_a)[0].block_until_ready()
-            first = counter.count
-            generate(TOY, params, prompt_b, settings, key_b)[0].block_until_ready()
-            second = counter.count - first
-            longer = dataclasses.replace(settings, gen_length=9, steps=6)
-            generate(TOY, params, prompt_a, longer, key_a)[0].block_until_ready()
-            third = counter.count - first - second
-    finally:
-        logger.removeHandler(counter)
+    with compiles("generate_masked") as counter:
+        generate(TOY, params, prompt_a, settings, key_a)[0].block_until_ready()
+        first = counter.count
+        generate(TOY, params, prompt_b, settings, key_b)[0].block_until_ready()
+        second = counter.count - first
+        longer = dataclasses.replace(settings, gen_length=9, steps=6)
+        generate(TOY, params, prompt_a, longer, key_a)[0].block_until_ready()
+        third = counter.count - first - second
     assert (first, second, third) == (1, 0, 1)
 
 
