@@ -9,7 +9,7 @@
     dlmjax eval --checkpoint DIR [section.key=value ...]
     dlmjax eval --checkpoint DIR --lm-eval TASKS [--mc-num N --batch-size B --limit N --output PATH ...]
     dlmjax eval --checkpoint DIR --gen-ppl --judge AR_RUN|hf:NAME [--samples N --batch-size B sampler flags]
-    dlmjax convert --from-hf HF_DIR --arch llada|dream|mdlm|bd3lm --out CKPT
+    dlmjax convert --from-hf HF_DIR --arch llada|dream|mdlm|bd3lm --out CKPT [--mask-id N]
     dlmjax convert --to-hf CKPT --out HF_DIR
     dlmjax forward --checkpoint CKPT --input-ids IDS.npy [--sigma SIGMA.npy] --out LOGITS.npy
 
@@ -183,7 +183,9 @@ def _request(args):
         steps_per_block=args.steps_per_block, remasking=args.remasking, temperature=args.temperature,
         cfg_scale=args.cfg_scale, cache=args.cache, threshold=args.threshold, factor=args.factor,
         entropy_bound=args.entropy_bound, alg=args.alg,
-        alg_temp=args.alg_temp, top_p=args.top_p, top_k=args.top_k, stop_at_eos=args.stop_at_eos or None)
+        alg_temp=args.alg_temp, top_p=args.top_p, top_k=args.top_k, stop_at_eos=args.stop_at_eos or None,
+        sub_block_length=args.sub_block_length, window_blocks=args.window_blocks,
+        block_add_threshold=args.block_add_threshold, decoded_token_threshold=args.decoded_token_threshold)
 
 
 def _parse_ids(text: str) -> list[list[int]]:
@@ -200,7 +202,7 @@ def cmd_convert(args) -> int:
     from dlmjax.interchange import convert_from_hf, export_to_hf
 
     if args.from_hf is not None:
-        out = convert_from_hf(args.from_hf, args.arch, args.out)
+        out = convert_from_hf(args.from_hf, args.arch, args.out, mask_id=args.mask_id)
         _log(f"converted {args.from_hf} (--arch {args.arch}) -> {out}")
     else:
         out = export_to_hf(args.to_hf, args.out)
@@ -396,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--arch", help="with --from-hf (required there): the architecture of the folder: llada, dream, "
                    "mdlm or bd3lm")
     c.add_argument("--out", required=True, help="the new dlmjax checkpoint (--from-hf) or Hugging Face folder")
+    c.add_argument("--mask-id", type=_int_at_least(0), metavar="N",
+                   help="--arch dream with a plain Qwen2ForCausalLM / LlamaForCausalLM folder (no mask token): the "
+                   "embedding row used as the mask, not bos/eos/pad; which unused row is your choice (Fast-dLLM v2 "
+                   "uses 151665 for Qwen2.5)")
     c.set_defaults(fn=cmd_convert)
 
     f = sub.add_parser("forward", help="one forward pass: raw float32 logits [B, L, V] to a .npy file")
@@ -445,6 +451,17 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--entropy-bound", type=_real(0.0, what="a number of nats >= 0"),
                    help="parallel decoding: commit the lowest-entropy masked slots while their summed entropy "
                    "stays <= X (at least one per step; ranks by entropy)")
+    p.add_argument("--sub-block-length", type=positive,
+                   help="block sampler: Fast-dLLM v2 decoding, sub-blocks of N slots (dividing the block) committed "
+                   "left to right by --threshold (default 0.9)")
+    p.add_argument("--window-blocks", type=_int_at_least(2),
+                   help="bd3 runs: D2F pipelined decoding with N blocks in flight per forward (--threshold is its "
+                   "skip threshold, default 0.9); best with runs trained with diffusion.context=noisy")
+    p.add_argument("--block-add-threshold", type=_real(0.0, 1.0, low_open=True, what="a number in (0, 1]"),
+                   help="D2F: start the next block once the last one is this fraction decoded (default 0.1)")
+    p.add_argument("--decoded-token-threshold", type=_real(0.0, 1.0, low_open=True, what="a number in (0, 1]"),
+                   help="D2F: a block commits at least one slot per pass once its predecessor is this fraction "
+                   "decoded (default 0.5)")
     p.add_argument("--alg", choices=[str(a) for a in DreamAlg],
                    help="Dream's diffusion_generate algorithm (one block over the generation by default)")
     p.add_argument("--alg-temp", type=_real(0.0, what="a number >= 0"),
@@ -503,6 +520,8 @@ def _check_combinations(parser: argparse.ArgumentParser, args) -> None:
             parser.error("argument --arch: dlmjax convert --from-hf needs --arch (llada, dream, mdlm or bd3lm)")
         if args.to_hf is not None and args.arch:
             parser.error("argument --arch: dlmjax convert --to-hf takes no --arch (the checkpoint records it)")
+        if args.to_hf is not None and args.mask_id is not None:
+            parser.error("argument --mask-id: dlmjax convert --to-hf takes no --mask-id (the checkpoint records it)")
 
 
 def user_message(command: str, err: BaseException) -> str:

@@ -14,11 +14,11 @@ from dlmjax.errors import DlmjaxError
 # `dlmjax eval --lm-eval`: the flags that are `dlmjax.lm_eval.ModelArgs` fields of the same name, and the others.
 LM_EVAL_MODEL_FLAGS = ("mc_num", "cfg_scale", "dtype", "attention", "seed", "group", "rolling_samples", "gen_length",
                        "steps", "steps_per_block", "block_length", "cache", "threshold", "factor", "temperature",
-                       "remasking")
+                       "remasking", "sub_block_length", "window_blocks")
 LM_EVAL_RUN_FLAGS = ("batch_size", "no_greedy_check", "limit", "num_fewshot", "include_path", "apply_chat_template",
                      "log_samples", "output")
 SAMPLER_FLAGS = ("gen_length", "steps", "steps_per_block", "block_length", "cache", "threshold", "factor",
-                 "temperature", "remasking")
+                 "temperature", "remasking", "sub_block_length", "window_blocks")
 GEN_PPL_FLAGS = ("judge", "samples")
 LM_EVAL_BATCH_SIZE = 32  # LLaDA's harness default: rows per Monte Carlo round, prompts per generation batch
 
@@ -127,6 +127,9 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=_real(0.0, what="a number >= 0 (0 is greedy)"),
                    help="when a task's generation kwargs set none")
     g.add_argument("--remasking", choices=[str(c) for c in Confidence])
+    g.add_argument("--sub-block-length", type=positive, help="block sampler: Fast-dLLM v2 sub-block decoding")
+    g.add_argument("--window-blocks", type=_int_at_least(2), help="bd3 runs: D2F pipelined decoding, N blocks in "
+                   "flight per forward")
 
 
 def check_flags(parser: argparse.ArgumentParser, args) -> None:

@@ -110,6 +110,31 @@ class ModelConfig:
         return self.n_kv_heads or self.n_heads
 
 
+# `diffusion.block_schedule`: (until_step, block_size) pairs, as YAML `[[until_step, block_size], ...]`.
+BlockSchedule = tuple[tuple[int, int], ...]
+
+
+def _normalize_block_schedule(raw: Any) -> BlockSchedule:
+    """YAML/JSON `[[until_step, block_size], ...]` -> a tuple of int pairs, or a one-line ConfigError naming the
+    entry. Until-steps are positive and strictly increasing, block sizes positive (cross-field rules: `Config`)."""
+    where = "diffusion.block_schedule"
+    if not isinstance(raw, (list, tuple)):
+        raise ConfigError(f"{where}={raw!r} must be a list of [until_step, block_size] pairs, e.g. "
+                          f"[[200, 1], [1000, 4]]", field=where)
+    out = []
+    for i, entry in enumerate(raw):
+        ok = (isinstance(entry, (list, tuple)) and len(entry) == 2
+              and all(isinstance(v, int) and not isinstance(v, bool) for v in entry))
+        if not ok or entry[0] < 1 or entry[1] < 1:
+            raise ConfigError(f"{where}[{i}]={_plain(entry)!r} must be a pair [until_step, block_size] of ints >= 1",
+                              field=where)
+        if out and entry[0] <= out[-1][0]:
+            raise ConfigError(f"{where}[{i}]={_plain(entry)!r}: until_step {entry[0]} must be larger than the "
+                              f"previous entry's {out[-1][0]} (steps increase)", field=where)
+        out.append((int(entry[0]), int(entry[1])))
+    return tuple(out)
+
+
 @dataclass(frozen=True, kw_only=True)
 class DiffusionConfig:
     """The absorbing-state forward process and the training objective.
@@ -123,6 +148,25 @@ class DiffusionConfig:
     block_size: bd3 block length L' (0 means data.seq_len, i.e. MDLM); 1 with clip_min = clip_max = 1 is
     exactly autoregressive. clip_min, clip_max: BD3's clipped schedule (beta, omega); (1e-3, 1) is unbiased.
     As in the reference, clip_min > 0.5 also replaces the 1/t weight by 1 (meant for the t = 1 AR check).
+
+    block_times (bd3 only): how the per-block times are drawn in [clip_min, clip_max]. `independent` (BD3): one
+    antithetic draw per (row, block). `monotonic` (D2F): per row, the first block's t_0 ~ U[clip_min, clip_max] and
+    each later block adds an increment ~ U[0, (clip_max - t_0) / (n_blocks - 1)], so later blocks are never less
+    noisy than earlier ones (D2F uses clip_min = 0.2, clip_max = 0.7).
+    context (bd3 only): what a block is conditioned on. `clean` (BD3): the model reads [x_t ; x_0] and each block
+    sees the clean earlier blocks. `noisy` (D2F): the model reads x_t alone (L slots) under the block-causal mask,
+    so each block learns to denoise from earlier blocks that are themselves partly masked, as in pipelined
+    decoding. Same per-token loss and normaliser; the held-out NELBO is always the clean-context, independent-time
+    BD3 bound (`dlmjax.train.objective.nelbo_terms`). A D2F run:
+
+        diffusion: {objective: bd3, block_size: 4, block_times: monotonic, context: noisy, clip_min: 0.2,
+                    clip_max: 0.7}
+
+    block_schedule (bd3 only): LLaDA2.0's block-size schedule, `[[until_step, block_size], ...]`: steps
+    s < until_step of the first entry train with its block size, and so on (e.g. warm up from 1 to larger
+    blocks, stay at the full row, decay back). The last until_step must cover train.steps and the last block
+    size must be diffusion.block_size, which is what sampling and evaluation use. Empty: block_size throughout.
+    See `dlmjax.train.adapt`.
     """
 
     objective: str = "llada_sft"
@@ -133,10 +177,23 @@ class DiffusionConfig:
     block_size: int = 0
     clip_min: float = 1e-3
     clip_max: float = 1.0
+    block_schedule: BlockSchedule = ()
+    block_times: str = "independent"
+    context: str = "clean"
 
     def __post_init__(self):
         _check_finite("diffusion", self)
+        object.__setattr__(self, "block_schedule", _normalize_block_schedule(self.block_schedule))
+        if self.block_schedule and self.objective != "bd3":
+            raise ConfigError(f"diffusion.block_schedule applies to diffusion.objective=bd3, not "
+                              f"{self.objective!r}; remove it or use objective bd3", field="diffusion.block_schedule")
         _check_choice("diffusion", "objective", self.objective, {"llada_sft", "llada", "mdlm", "bd3", "masked_ce"})
+        _check_choice("diffusion", "block_times", self.block_times, {"independent", "monotonic"})
+        _check_choice("diffusion", "context", self.context, {"clean", "noisy"})
+        for name, default in (("block_times", "independent"), ("context", "clean")):
+            if getattr(self, name) != default and self.objective != "bd3":
+                raise ConfigError(f"diffusion.{name}={getattr(self, name)!r} applies to diffusion.objective=bd3, not "
+                                  f"{self.objective!r}; remove it or use objective bd3", field=f"diffusion.{name}")
         _check_choice("diffusion", "schedule", self.schedule, {"linear", "loglinear", "cosine", "llada"})
         if not 0.0 <= self.eps < 0.5:
             raise ConfigError(f"diffusion.eps={self.eps} must be in [0, 0.5)")
@@ -163,6 +220,7 @@ class DataConfig:
     digits: int = 3  # addition operands
     pad_answer: bool = False  # addition: zero-pad answers to digits + 1 characters
     min_digits: int = 0  # addition curriculum: train on operands of min_digits..digits digits (0: off)
+    items: int = 24  # sort: digits in the prompt (the answer is the same digits in ascending order)
     path: str = ""  # kind=text|corpus|sft: a file, a folder or a glob; kind=packed: the store's folder
     format: str = "text"  # kind=corpus|sft: text | jsonl | parquet | array_record
     text_field: str = "text"  # jsonl field / parquet column holding a document
@@ -179,11 +237,13 @@ class DataConfig:
     def task_kwargs(self) -> dict:
         if self.task == "addition":
             return {"digits": self.digits, "pad_answer": self.pad_answer, "min_digits": self.min_digits}
+        if self.task == "sort":
+            return {"items": self.items}
         return {}
 
     def __post_init__(self):
         _check_choice("data", "kind", self.kind, {"task", "text", "corpus", "sft", "packed"})
-        _check_choice("data", "task", self.task, {"addition", "sudoku"})
+        _check_choice("data", "task", self.task, {"addition", "sudoku", "sort"})
         _check_choice("data", "format", self.format, {"text", "jsonl", "parquet", "array_record"})
         _check_choice("data", "record_type", self.record_type, {"text", "tokens"})
         _check_choice("data", "packing", self.packing, {"wrap", "fit"})
@@ -204,7 +264,7 @@ class DataConfig:
         for name in ("text_field", "prompt_field", "response_field"):
             if not getattr(self, name):
                 raise ConfigError(f"data.{name} is empty; name the field / column to read")
-        for name in ("digits", "seq_len", "batch_size", "eval_size"):
+        for name in ("digits", "items", "seq_len", "batch_size", "eval_size"):
             _check_positive("data", name, getattr(self, name))
         if not 0 <= self.min_digits <= self.digits:
             raise ConfigError(f"data.min_digits={self.min_digits} must be in [0, data.digits={self.digits}] "
@@ -254,12 +314,22 @@ class OptimConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
+    """The training loop.
+
+    init_from: start the parameters (not the optimizer state, not the step) of a new run from a checkpoint: a
+    training workdir (its newest committed step; e.g. an AR run, bd3 with block size 1) or a params-only export
+    (`dlmjax convert --from-hf`, e.g. a Dream / Qwen2 release). Its model section must match this run's (see
+    `dlmjax.train.adapt`). A run that already has checkpoints resumes from them and ignores init_from, so a
+    resume after preemption is exact. Empty: random initialisation from `seed`.
+    """
+
     steps: int = 1000
     seed: int = 0
     log_every: int = 50
     eval_every: int = 0  # 0: evaluate only at the end
     eval_batches: int = 4  # held-out batches for the periodic NELBO estimate
     progress: bool = True
+    init_from: str = ""  # a training workdir or a params export; "" (default): random init
 
     def __post_init__(self):
         _check_positive("train", "steps", self.steps)
@@ -306,6 +376,9 @@ class SampleConfig:
     steps: int | None = None  # masked sampler: denoising steps over all blocks; null: one commit per step
     block_length: int | None = None  # masked sampler: null is one block (= gen_length); bd3: diffusion.block_size
     steps_per_block: int | None = None  # bd3 block sampler: null is one commit per step (= block length)
+    # bd3 runs: null samples with the exact-cache block sampler; W >= 2 with D2F's pipelined sampler, W blocks in
+    # flight per forward (for runs trained with diffusion.context=noisy, which see partly decoded earlier blocks).
+    window_blocks: int | None = None
     remasking: str = "low_confidence"
     # Proposal defaults; null is the reference's own default for the sampler in use: LLaDA, Fast-dLLM and BD3-LM
     # decode greedily with no filter, Dream (as released, without a generation config) at temperature 1.0 with
@@ -319,6 +392,11 @@ class SampleConfig:
         from dlmjax.sampling.choices import Confidence  # noqa: PLC0415 (a leaf module: enums only)
 
         _check_choice("sample", "remasking", self.remasking, {str(c) for c in Confidence})
+        if self.window_blocks is not None and (isinstance(self.window_blocks, bool)
+                                               or not isinstance(self.window_blocks, int) or self.window_blocks < 2):
+            raise ConfigError(f"sample.window_blocks={self.window_blocks!r} is not allowed; use an int >= 2 (blocks "
+                              "per forward of D2F's pipelined sampler), or null for the block sampler",
+                              field="sample.window_blocks")
         for name in ("gen_length", "steps", "block_length", "steps_per_block"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -420,6 +498,24 @@ def _plain(x):
     return [_plain(v) for v in x] if isinstance(x, (list, tuple)) else x
 
 
+def _check_block_schedule(d: DiffusionConfig, seq_len: int, steps: int) -> None:
+    """`diffusion.block_schedule` against the row length, the run length and the block size sampling uses."""
+    if not d.block_schedule:
+        return
+    where = "diffusion.block_schedule"
+    for i, (until, size) in enumerate(d.block_schedule):
+        if seq_len % size:
+            raise ConfigError(f"{where}[{i}]=[{until}, {size}]: block size {size} must divide data.seq_len={seq_len}",
+                              field=where)
+    last_until, last_size = d.block_schedule[-1]
+    if last_until < steps:
+        raise ConfigError(f"{where}: the last entry's until_step {last_until} must cover train.steps={steps} "
+                          f"(>= {steps})", field=where)
+    if (d.block_size or seq_len) != last_size:
+        raise ConfigError(f"{where}: the last block size {last_size} must equal diffusion.block_size={d.block_size} "
+                          f"(what sampling and evaluation use; 0 means data.seq_len={seq_len})", field=where)
+
+
 @dataclass(frozen=True, kw_only=True)
 class MeshConfig:
     """Device mesh sizes along (data, fsdp, tensor); one of them may be -1 to take the remaining devices.
@@ -478,6 +574,7 @@ class Config:
         if d.block_size and self.data.seq_len % d.block_size:
             raise ConfigError(f"diffusion.block_size={d.block_size} must divide data.seq_len={self.data.seq_len} "
                               f"(0 means one block of data.seq_len)")
+        _check_block_schedule(d, self.data.seq_len, self.train.steps)
         if self.data.kind == "task":
             # The run ends by sampling the task's held-out prompts: settings that cannot sample them are refused
             # now, not after training.
@@ -526,6 +623,8 @@ def _coerce(section: str, key: str, value: Any, typ: Any):
             return value
     elif typ == LogicalRules:
         return value  # validated and normalised by MeshConfig
+    elif typ == BlockSchedule:
+        return value  # validated and normalised by DiffusionConfig
     else:
         raise ConfigError(f"{where}: unsupported field type {typ}")
     raise ConfigError(f"{where}={value!r} has type {type(value).__name__}; expected {typ.__name__}")

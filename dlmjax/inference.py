@@ -7,8 +7,10 @@ evaluation and the notebook (`dlmjax.open_run`). Three questions get one answer 
   others from the import manifest of a converted Hugging Face checkpoint (its `config.json` ids), else from the
   tokenizer the run was trained with (`data.tokenizer`: byte, a `tokenizer.json` or a SentencePiece model).
 * Which sampler? A run trained with `diffusion.objective=bd3` samples with the block sampler (exact KV cache,
-  blocks on the training grid, rows stop at their own EOS); every other objective with the masked sampler
-  (LLaDA / Fast-dLLM / Dream decoding).
+  blocks on the training grid, rows stop at their own EOS; commits fused into the next block's first forward, so
+  AR costs one forward per token), with Fast-dLLM v2's sub-block rule when a sub-block length is asked for, or
+  with D2F's pipelined sampler (several blocks in flight) when a window of blocks is (`--window-blocks`,
+  `sample.window_blocks`); every other objective with the masked sampler (LLaDA / Fast-dLLM / Dream decoding).
 * Which settings? `sampler_settings(cfg, tokens, prompt_len, request)`: the run's `sample.*` defaults, overridden
   by a `SampleRequest` (the user's flags), checked once; errors name the user's flag (`--gen-length`).
 
@@ -26,8 +28,9 @@ import jax.numpy as jnp
 
 from dlmjax.config import Config
 from dlmjax.errors import SettingsError
-from dlmjax.sampling import (BlockSamplerSettings, Denoiser, SamplerSettings, generate_blocks,
-                             generate_blocks_uncached, generate_masked)
+from dlmjax.sampling import (BlockSamplerSettings, Denoiser, PipelineSettings, SamplerSettings, generate_blocks,
+                             generate_blocks_uncached, generate_masked, generate_pipelined,
+                             generate_pipelined_uncached)
 from dlmjax.sampling.api import check_token_rows
 from dlmjax.sampling.api import generate as generate_rows
 from dlmjax.sampling.choices import BLOCK_CONFIDENCES, CacheKind, Confidence
@@ -63,6 +66,10 @@ class SampleRequest:
     top_p: float | None = None
     top_k: int | None = None
     stop_at_eos: bool | None = None
+    sub_block_length: int | None = None
+    window_blocks: int | None = None
+    block_add_threshold: float | None = None
+    decoded_token_threshold: float | None = None
 
     def given(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
@@ -71,6 +78,11 @@ class SampleRequest:
 # The masked sampler's own parameters: a block-diffusion run refuses them instead of ignoring them. The parallel
 # commit rules (`threshold`, `factor`) are not among them: the block sampler takes them as its commit rule.
 MASKED_ONLY = ("cfg_scale", "cache", "alg", "alg_temp")
+# The block samplers' own parameters, refused by the masked sampler.
+BLOCK_ONLY = ("steps_per_block", "sub_block_length", "window_blocks", "block_add_threshold", "decoded_token_threshold")
+# D2F's pipelined sampler commits by `threshold` (its skip threshold) only.
+PIPELINE_ONLY = ("block_add_threshold", "decoded_token_threshold")
+PIPELINE_REFUSES = ("steps_per_block", "factor", "entropy_bound", "sub_block_length")
 
 
 def flag_of(field: str) -> str:
@@ -193,14 +205,38 @@ def sampler_settings(cfg: Config, tokens: SpecialTokens, prompt_len: int,
                 f"length {block} (--block-length / sample.block_length, else diffusion.block_size); choose a "
                 f"gen_length that ends the row on a block boundary, e.g. {gen + (-max_length % block)}",
                 field="gen_length")
+        window = given.get("window_blocks", s.window_blocks)
+        if window is not None:
+            return _pipeline_settings(given, max_length, block, window, remasking, tokens, proposal)
+        stray = [k for k in PIPELINE_ONLY if k in given]
+        if stray:
+            raise SettingsError(f"{flag_of(stray[0])} is a setting of D2F's pipelined sampler; give --window-blocks "
+                                "(blocks per forward, >= 2) to use it", field=stray[0])
+        if "sub_block_length" in given:
+            clash = [k for k in ("steps_per_block", "factor", "entropy_bound", "remasking") if k in given]
+            if clash:
+                raise SettingsError(f"--sub-block-length selects Fast-dLLM v2's decoding (confidence --threshold "
+                                    f"inside the current sub-block); it takes no {flag_of(clash[0])}", field=clash[0])
+            if block % given["sub_block_length"]:
+                raise SettingsError(f"--sub-block-length={given['sub_block_length']} does not divide the block length "
+                                    f"{block}; use one of {[d for d in range(1, block + 1) if block % d == 0]}",
+                                    field="sub_block_length")
+            return BlockSamplerSettings.v2(
+                max_length=max_length, block_length=block, sub_block_length=given["sub_block_length"],
+                threshold=given.get("threshold", 0.9), tokens=tokens, **proposal)
         return BlockSamplerSettings.bd3(
             max_length=max_length, block_length=block,
             steps_per_block=given.get("steps_per_block", s.steps_per_block), remasking=remasking,
             threshold=given.get("threshold"), factor=given.get("factor"), entropy_bound=given.get("entropy_bound"),
-            tokens=tokens, **proposal)
+            fuse_commits=True, tokens=tokens, **proposal)
     if "steps_per_block" in given:
         raise SettingsError("--steps-per-block is the block sampler's (diffusion.objective=bd3 runs); the masked "
                             "sampler takes --steps over all blocks", field="steps_per_block")
+    stray = [k for k in BLOCK_ONLY if k in given]
+    if stray:
+        raise SettingsError(f"{flag_of(stray[0])} belongs to the block samplers (diffusion.objective=bd3 runs); this "
+                            f"checkpoint (diffusion.objective={cfg.diffusion.objective}) samples with the masked sampler",
+                            field=stray[0])
     steps = given.get("steps", s.steps or gen)
     block = given.get("block_length", s.block_length or gen)
     common = dict(block_length=block, cfg_scale=given.get("cfg_scale", 0.0),
@@ -220,6 +256,27 @@ def sampler_settings(cfg: Config, tokens: SpecialTokens, prompt_len: int,
                                  factor=given.get("factor"), entropy_bound=given.get("entropy_bound"), **common)
 
 
+def _pipeline_settings(given: dict, max_length: int, block: int, window: int, remasking, tokens: SpecialTokens,
+                       proposal: dict) -> PipelineSettings:
+    """D2F's pipelined sampler for a bd3 run: `window` blocks per forward, `--threshold` as its skip threshold."""
+    clash = [k for k in PIPELINE_REFUSES if k in given]
+    if clash:
+        raise SettingsError(f"{flag_of(clash[0])}: D2F's pipelined sampler (--window-blocks) commits the slots with "
+                            "confidence >= --threshold (at least one per pass in the first unfinished block); it "
+                            "takes no other rule", field=clash[0])
+    blocks = max_length // block
+    if window < 2 or window > blocks:
+        raise SettingsError(f"--window-blocks={window} is not allowed for rows of {blocks} blocks of {block}; use "
+                            f"2..{blocks}" if blocks >= 2 else f"--window-blocks={window}: the row is one block of "
+                            f"{block}, so there is nothing to pipeline; leave --window-blocks out",
+                            field="window_blocks")
+    optional = {k: given[k] for k in PIPELINE_ONLY if k in given}
+    return PipelineSettings.d2f(max_length=max_length, block_length=block, window_blocks=window,
+                                skip_threshold=given.get("threshold", 0.9),
+                                **({"remasking": remasking} if remasking is not None else {}),
+                                tokens=tokens, **optional, **proposal)
+
+
 # -- sampling ---------------------------------------------------------------------------------------------------
 
 
@@ -233,6 +290,9 @@ def sample(cfg: Config, params, prompt, rng, *, settings, prompt_mask=None, cach
     prompt = jnp.asarray(prompt, jnp.int32)
     if isinstance(settings, BlockSamplerSettings):
         fn = generate_blocks if cached else generate_blocks_uncached
+        return fn(Denoiser(cfg.model), params, prompt, settings, rng, prompt_mask=prompt_mask)
+    if isinstance(settings, PipelineSettings):
+        fn = generate_pipelined if cached else generate_pipelined_uncached
         return fn(Denoiser(cfg.model), params, prompt, settings, rng, prompt_mask=prompt_mask)
     if prompt.shape[1] + settings.gen_length > cfg.model.max_seq_len:
         raise SettingsError(f"prompt ({prompt.shape[1]} tokens) + gen_length ({settings.gen_length}) = "

@@ -32,7 +32,7 @@ names the one that is wrong): `checkpoint` (required: a workdir, checkpoint or c
 `cfg_scale` (0), `is_check_greedy` (True), `dtype` / `attention` (as `dlmjax sample`), `seed` (0), `group` (requests
 per compiled likelihood call, 4), `rolling_samples` (noise draws per perplexity row, 1), and the sampler's
 `gen_length`, `steps`, `steps_per_block`, `block_length`, `cache`, `threshold`, `factor`, `temperature`,
-`remasking`.
+`remasking`, `sub_block_length` (Fast-dLLM v2 decoding) and `window_blocks` (D2F pipelined decoding).
 
 Batch size: lm-eval's own `--batch_size` (it passes it to the constructor, so it cannot be a model arg): rows per
 Monte Carlo round (`mc_num` must be a multiple of it) and prompts per generation batch (lm-eval's default 1;

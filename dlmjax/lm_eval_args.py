@@ -105,6 +105,8 @@ class ModelArgs:
     factor: float | None = _arg(None, _real(0.0, low_open=True, what="a number > 0"))
     temperature: float | None = _arg(None, _real(0.0, what="a number >= 0 (0 is greedy)"))
     remasking: str | None = _arg(None, _choice(*map(str, Confidence)))
+    sub_block_length: int | None = _arg(None, _integer(1))
+    window_blocks: int | None = _arg(None, _integer(2))
 
     @classmethod
     def parse(cls, raw: dict[str, Any], spell: Callable[[str], str] = _model_arg) -> "ModelArgs":
@@ -165,7 +167,8 @@ def plan_generation(cfg, args: ModelArgs, longest: int, cap: int, overrides: dic
     keep = min(gen, cap)
     fields = dict(steps=args.steps, steps_per_block=args.steps_per_block, block_length=args.block_length,
                   remasking=args.remasking, temperature=args.temperature, cache=args.cache,
-                  threshold=args.threshold, factor=args.factor,
+                  threshold=args.threshold, factor=args.factor, sub_block_length=args.sub_block_length,
+                  window_blocks=args.window_blocks,
                   cfg_scale=args.cfg_scale if args.cfg_scale > 0 else None)
     fields.update(overrides or {})
     if uses_block_sampler(cfg):

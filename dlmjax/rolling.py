@@ -77,12 +77,14 @@ def _all_masked_pass(cfg: Config, params, tokens, valid_mask, prompt_mask):
     """(log p(x_i) float32[B, L], argmax == x_i bool[B, L]) of a bd3 run with every non-prompt slot masked at t = 1
     (weight 1): each block reads itself fully masked and the clean blocks before it. At block size 1 these are
     the exact next-token log-probabilities and the greedy choices."""
-    from dlmjax.train.objective import bd3_loss_terms  # noqa: PLC0415 (the trainer only when scoring)
+    from dlmjax.train.objective import bd3_loss_terms, bd3_nelbo_config  # noqa: PLC0415 (the trainer only here)
 
     batch = {"tokens": tokens, "valid_mask": valid_mask, "prompt_mask": prompt_mask}
     ones = jnp.ones(tokens.shape, jnp.float32)
+    # The clean context whatever the run trained with: a D2F run (context=noisy) would otherwise read every
+    # earlier block fully masked at t = 1, which is no conditional of the text at all.
     _, aux = bd3_loss_terms(params, batch, ones, jnp.zeros_like(ones), model_cfg=cfg.model,
-                            diff_cfg=cfg.diffusion)
+                            diff_cfg=bd3_nelbo_config(cfg.diffusion))
     logits = aux["logits"].astype(jnp.float32).at[..., cfg.diffusion.mask_id].set(-jnp.inf)  # SUBS
     greedy = jnp.argmax(logits, axis=-1) == tokens
     return jnp.where(aux["scored"], -aux["nll"], 0.0), greedy

@@ -171,8 +171,8 @@ def naive_row(prompt: list[int], settings: BlockSamplerSettings):
                 at_step[b * BLOCK + i] = step
             masked = [i for i in masked if i not in chosen]
             step += 1
-        # Dream's rule keeps the block running to the row's limit (S steps for a row with nothing to generate).
-        row_steps[b] = limit if isinstance(rule, DreamThreshold) else step
+        # Every rule's block stops once it is filled (the block sampler's early stop), Dream's too.
+        row_steps[b] = step
     return tokens, at_step, row_steps
 
 
@@ -213,13 +213,11 @@ def test_parallel_rule_equals_a_naive_loop_and_commits_every_step(case):
         taken = sorted(s for rr, bb, s in per_step if (rr, bb) == (r, b))
         assert taken == list(range(len(taken))), (r, b, taken)
     assert max(per_step.values()) >= 2
-    if not isinstance(settings.rule, DreamThreshold):
-        # Batch level: every pass the sampler runs in a block commits something. (DreamThreshold keeps each row's
-        # block to its step limit, S steps at least, as Dream does: a block whose rows all have fewer masked slots
-        # than S runs passes that commit nothing. Per row, above, it still commits at every step until filled.)
-        for k, b in enumerate(range(first, settings.num_blocks)):
-            taken = {s for (_, bb, s) in per_step if bb == b}
-            assert taken == set(range(steps[k])), (b, taken, steps[k])
+    # Batch level: every pass the sampler runs in a block commits something (the block stops once it is filled,
+    # so DreamThreshold's step limit never runs passes that commit nothing).
+    for k, b in enumerate(range(first, settings.num_blocks)):
+        taken = {s for (_, bb, s) in per_step if bb == b}
+        assert taken == set(range(steps[k])), (b, taken, steps[k])
     assert all(t != MASK_ID for row in tokens for t in row)
 
     cached, nfe, trace = generate_blocks(Denoiser(CFG), PARAMS, prompt, settings, jax.random.PRNGKey(0),
@@ -320,4 +318,6 @@ def test_cli_samples_a_bd3_run_with_threshold_as_the_naive_loop(tmp_path, capsys
     out = json.loads(capsys.readouterr().out)
     tokens, _, steps, _ = naive_batch([prompt], settings_of("threshold_0.5"))
     assert out["tokens"] == tokens.tolist()
-    assert out["nfe"] == sum(steps) + len(steps) - 1  # no full prompt block: no prefill
+    # The front door fuses commits (each finished block is written by the next block's first step) and there is no
+    # full prompt block to prefill: one forward per step.
+    assert out["nfe"] == sum(steps)

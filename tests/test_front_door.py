@@ -132,6 +132,13 @@ BAD_SAMPLE_FLAGS = [
     ("bd3", ["--prompt-ids", "1,2", "--cfg-scale", "1"], "--cfg-scale"),
     ("bd3", ["--prompt-ids", "1,2", "--gen-length", "5"], "multiple of the block length"),
     ("bd3", ["--prompt-ids", "1,2", "--remasking", "margin"], "--remasking"),
+    ("bd3", ["--prompt-ids", "1,2", "--block-add-threshold", "0.5"], "--window-blocks"),
+    ("bd3", ["--prompt-ids", "1,2", "--window-blocks", "2", "--factor", "1"], "--factor"),
+    ("bd3", ["--prompt-ids", "1,2", "--window-blocks", "9"], "--window-blocks=9"),
+    ("bd3", ["--prompt-ids", "1,2", "--sub-block-length", "3"], "--sub-block-length=3"),
+    ("bd3", ["--prompt-ids", "1,2", "--sub-block-length", "2", "--factor", "1"], "--factor"),
+    ("llada", ["--prompt-ids", "1,2", "--window-blocks", "2"], "--window-blocks"),
+    ("llada", ["--prompt-ids", "1,2", "--sub-block-length", "2"], "--sub-block-length"),
 ]
 
 

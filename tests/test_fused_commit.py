@@ -59,16 +59,21 @@ class Accounting:
     def unfused_nfe(self) -> int:
         return self.prefill + sum(self.steps.values()) + len(self.steps) - 1
 
+    @property
+    def seeded(self) -> int:  # E: the fused prefill ran the first visited block's first step
+        return int(self.prefill == 1 and self.steps[min(self.steps)] > 0)
+
     def fused_nfe(self) -> int:
-        return self.prefill + sum(self.steps.values()) + self.zero_step_blocks
+        return self.prefill + sum(self.steps.values()) + self.zero_step_blocks - self.seeded
 
     def saved_before(self, block: int) -> int:
-        """Passes the fused run saved before `block`'s steps: the commit of the block before it (its first step
-        is that commit), and one per earlier visited block after the first that took a step."""
+        """Passes the fused run saved before `block`'s steps: the seeded first step (it rode on the prefill), the
+        commit of the block before it (its first step is that commit), and one per earlier visited block after the
+        first that took a step."""
         first = min(self.steps)
         if block == first:
-            return 0
-        return 1 + sum(1 for b, k in self.steps.items() if first < b < block and k > 0)
+            return self.seeded
+        return self.seeded + 1 + sum(1 for b, k in self.steps.items() if first < b < block and k > 0)
 
 
 def replay(tokens: np.ndarray, lengths, settings: BlockSamplerSettings) -> Accounting:
@@ -213,8 +218,9 @@ def check_fused_equals_unfused_and_uncached(name, lengths, settings, denoiser=De
     assert int(twin_nfe) == sum(acc.steps.values())
     assert int(unfused_nfe) == acc.unfused_nfe()
     assert int(fused_nfe) == acc.fused_nfe()
-    # One commit pass saved per visited block after the first, except those that took no step.
-    assert int(unfused_nfe) - int(fused_nfe) == len(acc.steps) - 1 - acc.zero_step_blocks
+    # One commit pass saved per visited block after the first, except those that took no step, and the prefill's
+    # when it also ran the first block's first step.
+    assert int(unfused_nfe) - int(fused_nfe) == len(acc.steps) - 1 - acc.zero_step_blocks + acc.seeded
     if settings.tokens.eos_id is not None:  # the case does what it is named for: one row stops, another goes on
         assert any(s is not None and s < settings.num_blocks - 1 for s in acc.stopped), acc
         assert any(s is None or s > min(x for x in acc.stopped if x is not None) for s in acc.stopped), acc
@@ -238,9 +244,9 @@ def test_fused_equals_unfused_and_uncached(name):
     lengths, settings = CASES[name]
     acc, nfe = check_fused_equals_unfused_and_uncached(name, lengths, settings)
     if settings.block_length == 1 and settings.tokens.eos_id is None:
-        # Autoregressive decoding: one forward per generated slot of the row with the shortest prompt, plus the
-        # prefill of the prompts.
-        assert nfe == 1 + settings.max_length - min(lengths)
+        # Autoregressive decoding: one forward per generated slot of the row with the shortest prompt (the
+        # prompts' prefill runs the first one).
+        assert acc.seeded and nfe == settings.max_length - min(lengths)
 
 
 @pytest.mark.slow

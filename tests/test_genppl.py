@@ -198,7 +198,7 @@ def test_checkpoint_end_to_end_with_a_near_uniform_sampler_and_judge(fresh_ar_ru
     report = generative_perplexity_of_checkpoint(fresh_ar_run, fresh_ar_judge, samples=6, batch_size=4,
                                                  request=request, progress=False, log=lines.append)
     assert report["samples"] == 6 and report["batch_size"] == 4 and report["sample_length"] == 32
-    assert report["nfe"] == 62  # block size 1: 31 generated slots, one denoising and one commit pass each
+    assert report["nfe"] == 31  # block size 1, fused commits: 31 generated slots, one forward each
     assert report["judge"] == fresh_ar_run and report["judge_context"] == 32 and len(lines) == 2
     assert abs(math.log(report["gen_ppl"] / 259)) < 0.05, report
     assert report["gen_ppl"] == pytest.approx(math.exp(report["nll_per_token"]), rel=1e-12)
@@ -273,7 +273,7 @@ def test_trained_judge_finds_its_own_greedy_samples_likely_and_random_text_not(t
     report = generative_perplexity_of_checkpoint(run, str(run), samples=6, batch_size=4, progress=False,
                                                  request=SampleRequest(temperature=0.0), log=lines.append)
     assert report["samples"] == 6 and report["sample_length"] == 32 and report["judge_context"] == 32
-    assert report["nfe"] == 62  # block size 1: 31 generated slots, one denoising and one commit pass each
+    assert report["nfe"] == 31  # block size 1, fused commits: 31 generated slots, one forward each
     assert report["judge"] == str(run) and len(lines) == 2
     assert 1.0 < report["gen_ppl"] < 2.0, report
     assert report["gen_ppl"] == pytest.approx(math.exp(report["nll_per_token"]), rel=1e-12)
@@ -383,7 +383,7 @@ def test_dlmjax_eval_gen_ppl_prints_one_json_line(fresh_ar_run, capsys):
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["samples"] == 2 and report["batch_size"] == 2 and report["seed"] == 3
-    assert report["judge"] == fresh_ar_run and report["nfe"] == 62
+    assert report["judge"] == fresh_ar_run and report["nfe"] == 31  # one forward per generated slot
     assert abs(math.log(report["gen_ppl"] / 259)) < 0.3, report  # 2 samples only: a wider band than above
 
 

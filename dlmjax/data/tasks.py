@@ -242,11 +242,49 @@ class SudokuTask(Task):
         raise RuntimeError(f"could not carve a unique 4x4 Sudoku with {target} blanks in 100 tries")
 
 
-TASKS: dict[str, type[Task]] = {"addition": AdditionTask, "sudoku": SudokuTask}
+# ---- sorting digits ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SortTask(Task):
+    """`items` random digits then "=" -> the same digits in ascending order (exactly `items` characters).
+
+    Example (items=8): prompt "53098153=", answer "01333589".
+
+    Why this task: it is the benchmark where parallel decoding can pay off. Every answer slot is a
+    deterministic function of the prompt alone (slot j holds the smallest digit d with more than j prompt
+    digits <= d: a count), not of the answer slots before it, so a well-trained model can be confident
+    about many slots at once and a threshold rule can commit a whole block per forward. An AR model must
+    still spend one forward per slot. Answers are long (24 characters by default) and checkable by exact
+    match, and there are 10^items prompts, so the 1/64 held-out split never runs dry.
+    """
+
+    items: int = 24
+    name = "sort"
+
+    def __post_init__(self):
+        if not isinstance(self.items, int) or self.items < 1:
+            raise ValueError(f"SortTask items={self.items!r} must be an integer >= 1")
+
+    @property
+    def prompt_len(self) -> int:
+        return self.items + 1
+
+    @property
+    def answer_len(self) -> int:
+        return self.items
+
+    def sample(self, rng: np.random.Generator, split: str = "train") -> Problem:
+        digits = rng.integers(0, 10, size=self.items)
+        return Problem(prompt="".join(map(str, digits.tolist())) + "=",
+                       answer="".join(map(str, np.sort(digits).tolist())))
+
+
+TASKS: dict[str, type[Task]] = {"addition": AdditionTask, "sudoku": SudokuTask, "sort": SortTask}
 
 
 def get_task(name: str, **kwargs) -> Task:
-    """The task registered as `name` ("addition", "sudoku"), built with `kwargs` (e.g. digits=4)."""
+    """The task registered as `name` ("addition", "sudoku", "sort"), built with `kwargs` (e.g. digits=4)."""
     if name not in TASKS:
         raise ValueError(f"task={name!r} is unknown; choose one of {sorted(TASKS)}")
     cls = TASKS[name]

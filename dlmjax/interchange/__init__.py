@@ -1,12 +1,13 @@
 """Hugging Face checkpoint interchange: import released checkpoints into dlmjax and export them back.
 
-    dlmjax convert --from-hf DIR --arch llada|dream|mdlm|bd3lm --out CKPT
+    dlmjax convert --from-hf DIR --arch llada|dream|mdlm|bd3lm --out CKPT [--mask-id N]
     dlmjax convert --to-hf CKPT --out DIR
 
 One module per architecture family does the mapping (`llada`, `dream`, `dit` for mdlm and bd3lm), each with
 
     ARCHES                                   the --arch names it handles
     model_config(hf_config, arch)            -> (ModelConfig, meta: mask/eos/pad/bos ids and arch extras)
+                                                (`mask_id=N` too where TAKES_MASK_ID: the user's --mask-id)
     to_params(read, names, model_cfg, arch)  -> (params tree, passthrough {name: array})
     to_hf(params, model_cfg, arch)           -> {hf name: array in the Hugging Face layout}
 
@@ -163,10 +164,15 @@ def place_params(params: dict, model_cfg: ModelConfig, mesh=None, rules=None, re
     return traverse_util.unflatten_dict(placed)
 
 
-def _import(hf_dir, arch: str, mesh=None):
+def _import(hf_dir, arch: str, mesh=None, mask_id: int | None = None):
     module = get_module(arch)
+    # Only a module that reads plain causal LMs (no mask token of their own) takes the user's mask id.
+    if mask_id is not None and not getattr(module, "TAKES_MASK_ID", False):
+        raise InterchangeError(f"--mask-id applies to --arch dream (plain Qwen2 / LLaMA causal LMs); --arch {arch} "
+                               f"reads its mask token from config.json")
     ckpt = HFCheckpoint(hf_dir)
-    model_cfg, meta = module.model_config(ckpt.config, arch)
+    extra = {} if mask_id is None else {"mask_id": mask_id}
+    model_cfg, meta = module.model_config(ckpt.config, arch, **extra)
     model_cfg = _with_checkpoint_dtype(model_cfg, ckpt)
     cfg = build_config(model_cfg, meta, arch, sample_defaults(ckpt.directory))
     host_params, passthrough = module.to_params(ckpt.read, ckpt.names, model_cfg, arch)
@@ -176,9 +182,10 @@ def _import(hf_dir, arch: str, mesh=None):
     return ckpt, cfg, params, meta, passthrough
 
 
-def import_hf(hf_dir, arch: str, mesh=None):
-    """(Config, params on the mesh, meta) for the Hugging Face checkpoint folder `hf_dir` of architecture `arch`."""
-    ckpt, cfg, params, meta, _ = _import(hf_dir, arch, mesh)
+def import_hf(hf_dir, arch: str, mesh=None, *, mask_id: int | None = None):
+    """(Config, params on the mesh, meta) for the Hugging Face checkpoint folder `hf_dir` of architecture `arch`;
+    `mask_id` (`--mask-id`) names the mask token of a plain causal LM (`dlmjax.interchange.dream`)."""
+    ckpt, cfg, params, meta, _ = _import(hf_dir, arch, mesh, mask_id)
     ckpt.close()
     return cfg, params, meta
 
@@ -219,8 +226,11 @@ def _host_mesh():
     return make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1), jax.local_devices(backend="cpu")[:1])
 
 
-def convert_from_hf(hf_dir, arch: str, out, mesh=None) -> Path:
+def convert_from_hf(hf_dir, arch: str, out, mesh=None, *, mask_id: int | None = None) -> Path:
     """Import `hf_dir` and write a params-only export at `out` (+ `out/hf/` for a faithful export later).
+
+    `mask_id` (`--mask-id`): the mask token of a plain causal LM, which has none in its config.json (`--arch dream`
+    with a Qwen2ForCausalLM / LlamaForCausalLM folder); recorded in the manifest's meta and `diffusion.mask_id`.
 
     `out` must be new or empty (checked before anything is read). The export is written into a hidden sibling
     folder and renamed to `out` when complete, so a failed or interrupted conversion leaves no partial `out`.
@@ -228,7 +238,7 @@ def convert_from_hf(hf_dir, arch: str, out, mesh=None) -> Path:
     out = check_new_output(out)
     if mesh is None:  # conversion only writes the parameters: host memory, even on an accelerator host (an 8B model
         mesh = _host_mesh()  # in bf16 is 16 GB, more than one v5e chip holds)
-    ckpt, cfg, params, meta, passthrough = _import(hf_dir, arch, mesh)
+    ckpt, cfg, params, meta, passthrough = _import(hf_dir, arch, mesh, mask_id)
     staging = out.parent / f".{out.name}.converting-{os.getpid()}"
     try:
         hf_out = staging / HF_DIR

@@ -3,7 +3,8 @@
 It takes ragged prompts (lists of ids, one per row), refuses ids the model cannot read (on the host, before any
 work), left-pads the rows into a width bucket (a multiple of `bucket` slots, with a prompt mask, so prompts of 7
 and 9 tokens share one compiled program), runs the jitted sampler the settings are for (`generate_masked` for
-`SamplerSettings`, `generate_blocks` for `BlockSamplerSettings`), and returns each row as the references return
+`SamplerSettings`, `generate_blocks` for `BlockSamplerSettings`, `generate_pipelined` for D2F's
+`PipelineSettings`), and returns each row as the references return
 it: prompt + generation (+ suffix), without padding.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dlmjax.sampling import stream
 from dlmjax.sampling.block import generate_blocks
 from dlmjax.sampling.denoiser import Denoiser
 from dlmjax.sampling.masked import generate_masked
+from dlmjax.sampling.pipeline import PipelineSettings, generate_pipelined
 from dlmjax.sampling.settings import BlockSamplerSettings, SamplerSettings
 from dlmjax.sampling.tokens import SpecialTokens
 
@@ -151,7 +153,8 @@ def generate(model, params, prompt_ids, settings: SamplerSettings | BlockSampler
       model: the run's `Config`, its `ModelConfig`, or a `Denoiser`.
       params: the model's parameters (`dlmjax.load(ckpt)[1]`).
       prompt_ids: rows of token ids of any lengths (a list of lists, or int[B, L]).
-      settings: `SamplerSettings` (the masked sampler) or `BlockSamplerSettings` (the block sampler).
+      settings: `SamplerSettings` (the masked sampler), `BlockSamplerSettings` (the block sampler) or
+        `PipelineSettings` (D2F pipelined decoding).
       rng: PRNG key (default `jax.random.PRNGKey(0)`); used by temperature > 0 and the random rules.
       suffix_ids: masked sampler only: rows of clean tokens after the generated region; the sampler fills the
         middle.
@@ -169,8 +172,8 @@ def generate(model, params, prompt_ids, settings: SamplerSettings | BlockSampler
     """
     denoiser = as_denoiser(model)
     config = denoiser.config
-    if not isinstance(settings, (SamplerSettings, BlockSamplerSettings)):
-        raise TypeError(f"settings must be a SamplerSettings or a BlockSamplerSettings, got "
+    if not isinstance(settings, (SamplerSettings, BlockSamplerSettings, PipelineSettings)):
+        raise TypeError(f"settings must be a SamplerSettings, a BlockSamplerSettings or a PipelineSettings, got "
                         f"{type(settings).__name__}")
     if not isinstance(bucket, int) or isinstance(bucket, bool) or bucket < 1:
         raise SettingsError(f"bucket={bucket!r} is not allowed; use an int >= 1", field="bucket")
@@ -182,21 +185,22 @@ def generate(model, params, prompt_ids, settings: SamplerSettings | BlockSampler
     longest = max(len(r) for r in rows)
     rng = jax.random.PRNGKey(0) if rng is None else rng
     lengths = tuple(len(r) for r in rows)
-    if isinstance(settings, BlockSamplerSettings):
+    if isinstance(settings, (BlockSamplerSettings, PipelineSettings)):
         if suffix_ids is not None:
-            raise SettingsError("suffix_ids: the block sampler generates left to right and takes no suffix",
+            raise SettingsError("suffix_ids: the block samplers generate left to right and take no suffix",
                                 field="suffix_ids")
         total = settings.max_length
         if longest >= total:
             raise SettingsError(f"the longest prompt ({longest} tokens) leaves nothing to generate within "
-                                f"BlockSamplerSettings.max_length={total}", field="max_length")
+                                f"{type(settings).__name__}.max_length={total}", field="max_length")
         # A row's generation does not depend on the width (rows are moved to the left): only the compile does.
         width = min(bucket_width(longest, bucket), total - 1)
         prompt, prompt_mask = _pack(rows, width, tokens.fill_id(), left=True)
         spans = tuple((0, n, total, total) for n in lengths)
         with _watching(on_block, spans):
-            out, nfe, *committed = generate_blocks(denoiser, params, prompt, settings, rng, prompt_mask=prompt_mask,
-                                                   observe=on_block is not None, trace=trace)
+            sampler = generate_blocks if isinstance(settings, BlockSamplerSettings) else generate_pipelined
+            out, nfe, *committed = sampler(denoiser, params, prompt, settings, rng, prompt_mask=prompt_mask,
+                                           observe=on_block is not None, trace=trace)
             out = np.asarray(out)  # the callbacks have all run once the result is here
         return Generation(tokens=np.asarray(out), nfe=int(nfe), prompt_lengths=lengths,
                           suffix_lengths=(0,) * len(rows), width=width, gen_length=total - longest, spans=spans,

@@ -32,6 +32,9 @@ no denoising steps.
     rewound over them (and their `key_mask` cleared), so the cache holds one scratch block more than the
     committed slots need. A later block whose rows need no step (their prompts fill it, or they are done) still
     runs the fused pass, for its commit, and ignores its logits.
+    The prefill is fused the same way: `[the prompt width's full blocks ; the block after them]` from an empty
+    cache. When every row's first masked slot lies in that block (equal prompt lengths, e.g. batch 1), its logits
+    are the block's first step (the SEED), so that step costs no forward of its own.
   With a single block (`block_length == max_length`, MDLM) there is nothing to cache and it runs the twin.
   DENOISE and COMMIT see the cache as one slot range per row, [0, index): with `model.attention_impl=pallas` the
   cache kernel reads only those tiles (`kernels_pallas.cached_attention`). The FUSED pass carries a dense mask
@@ -41,18 +44,36 @@ which is BD3's mask restricted to what exists: the noisy block sees the clean pr
 that is read sees a later block. The canvas is the full length (not the growing prefix) because a while loop
 needs static shapes; the later slots are hidden by the mask.
 
+Shifted ("lead") models (`Denoiser.lead == 1`, `model.arch=dream`: Dream, Fast-dLLM v2, any AR-adapted causal LM):
+raw logit row i predicts slot i + 1, so a block's slot j is predicted by raw row j - 1, and its first slot by the
+last slot of the previous, clean block: the training contract of the shifted bd3 objective. Block length 1 is then
+exactly greedy autoregressive decoding with the causal LM. The uncached twin aligns the rows of its block-causal
+forward. A cached DENOISE forwards `[lead ; block]` (L' + 1 queries, `lead_and_denoise`): the lead is the previous
+block's last slot, recomputed against the cache slots [0, start - 1) under `lead_chunk_mask` (it sees the cache
+and itself, the block's slots see the lead and the whole block: the block-causal mask restricted to the chunk),
+so its row is the one its COMMIT computed; the block's raw rows 0..L'-1 are kept. The FUSED pass needs nothing
+extra: its finished block's last row is that very row (Fast-dLLM v2's "the finished block enters the cache with
+one forward whose last logit seeds the next block"), and the fused prefill's last prompt row predicts the first
+generated slot, as an AR prefill does. Slot 0 never gets a prediction: a row needs a prompt token (an empty
+prompt is refused). Lead passes carry a dense mask, so they take the dense attention path.
+
 A step (shared by both, so they differ only in where the logits come from): [MASK] logit -> -inf ->
 `settings.proposal` -> scores of slots that are not masked = -inf -> `settings.rule` -> commit -> done rows kept.
+A block's steps end when the rule says so or, for every rule, as soon as none of its slots is masked in a row
+that is not done (early stop: fixed schedules such as Dream's never run a pass that would commit nothing here).
 
-NFE counts forward passes actually run (the steps are the same in every variant):
+NFE counts forward passes actually run (the steps are the same in every variant; a block's steps stop early
+once it is filled):
   cached              P + steps + (V - 1)
-  cached, fused       P + steps + Z          = cached - (V - 1 - Z)
+  cached, fused       P + steps + Z - E      = cached - (V - 1 - Z) - E
   uncached            steps
 with P = 1 if some prompt has a full block (the prefill) else 0, V the blocks visited (from the first block some
-row generates, until the last block or every row is done) and Z the visited blocks after the first that took no
-step. Without EOS every visited block takes a step (the row with the shortest prompt generates in all of them),
-so Z = 0 and the fused sampler costs one forward per step: autoregressive decoding (`block_length=1`) then costs
-exactly one forward per generated slot of that row, `P + max_length - min(prompt lengths)`.
+row generates, until the last block or every row is done), Z the visited blocks after the first that took no
+step and E = P (the fused prefill runs the first block's first step: that block, `first_block`, lies inside the
+prefill's chunk whatever the width bucket, and under the block-causal mask it sees only the clean prompt blocks
+before it). Without EOS every visited block takes a step (the row with the shortest prompt generates in all of
+them), so Z = 0 and the fused sampler costs one forward per step: autoregressive decoding (`block_length=1`)
+costs exactly one forward per slot the shortest prompt's row generates, `max_length - min(prompt lengths)`.
 """
 from __future__ import annotations
 
@@ -63,6 +84,7 @@ from typing import Any, Callable
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dlmjax.errors import SettingsError
 from kernels_pallas.masks import BlockCausal
@@ -117,7 +139,7 @@ def block_update(logits: jax.Array, block: jax.Array, settings: BlockSamplerSett
 
 def _sample_blocks(settings: BlockSamplerSettings, canvas, first_block, rng, model_state, nfe,
                    block_logits: Callable, commit_block: Callable, observe: bool = False, trace: bool = False,
-                   fused_logits: Callable | None = None):
+                   fused_logits: Callable | None = None, seed: tuple | None = None):
     """The outer loop over blocks and the inner loop over steps, shared by the cached and uncached samplers.
 
     Args:
@@ -129,6 +151,8 @@ def _sample_blocks(settings: BlockSamplerSettings, canvas, first_block, rng, mod
       fused_logits: None, or `(model_state, canvas, block int32[B, L'], b) -> (float32[B, L', V], model_state)`:
         one forward pass that commits block b - 1 (finished, in `canvas`) and gives block b's logits. When given,
         it is the first pass of every block after `first_block` (commit_block should then write nothing).
+      seed: None, or (logits float32[B, L', V], seeded bool scalar): when `seeded`, the logits of `first_block` as
+        it starts, from a pass already counted in `nfe` (the fused prefill): they drive its first step.
 
     Returns:
       (canvas int32[B, T] with every slot filled, nfe int32 scalar: `nfe` + the forward passes run here).
@@ -149,7 +173,19 @@ def _sample_blocks(settings: BlockSamplerSettings, canvas, first_block, rng, mod
 
         def step_more(d: DenoiseCarry):
             block_masked = jnp.any((d.block == mask_id) & ~c.done[:, None], axis=1)
-            return rule.more(d.rule, d.step, block_masked, steps) & (d.step < max_steps)
+            # Early stop, whatever the rule: a pass over a block with nothing masked (in rows not done) would
+            # commit nothing. The rule's own `more` is left as the masked sampler uses it (Dream's schedules run
+            # their S steps there, as the reference does).
+            return rule.more(d.rule, d.step, block_masked, steps) & (d.step < max_steps) & block_masked.any()
+
+        start = DenoiseCarry(step=jnp.int32(0), block=block, rng=c.rng, rule=rule.init(n_masked, steps),
+                             committed=jnp.full(block.shape, -1, jnp.int32) if trace else None)
+        # The seeded first step ran in a pass before the loop (already in `c.nfe`): the block's passes start one
+        # earlier.
+        seeded = jnp.bool_(False)
+        if seed is not None:
+            seeded = seed[1] & (c.block == first_block) & step_more(start)
+        base = c.nfe - seeded.astype(jnp.int32)  # the pass that runs the block's step `d.step` is `base + d.step`
 
         def advance(d: DenoiseCarry, logits):
             """One step's update of the block from its logits; the keys depend on `d.rng` only, so every
@@ -160,12 +196,12 @@ def _sample_blocks(settings: BlockSamplerSettings, canvas, first_block, rng, mod
             committed = d.committed
             if committed is not None:
                 newly = (d.block == mask_id) & (new != mask_id)
-                committed = jnp.where(newly, c.nfe + d.step, committed)
+                committed = jnp.where(newly, base + d.step, committed)
             return DenoiseCarry(step=d.step + 1, block=new, rng=rng, rule=state, committed=committed)
 
-        start = DenoiseCarry(step=jnp.int32(0), block=block, rng=c.rng, rule=rule.init(n_masked, steps),
-                             committed=jnp.full(block.shape, -1, jnp.int32) if trace else None)
         model_state, fused_nfe = c.model_state, jnp.int32(0)
+        if seed is not None:
+            start = jax.lax.cond(seeded, lambda d: advance(d, seed[0]), lambda d: d, start)
         if fused_logits is not None:
             def fused_first(operand):
                 state, d = operand
@@ -197,7 +233,7 @@ def _sample_blocks(settings: BlockSamplerSettings, canvas, first_block, rng, mod
         if observe:
             stream.block_done(c.block, canvas)
         return BlocksCarry(block=c.block + 1, canvas=canvas, model_state=model_state, done=done, rng=d.rng,
-                           nfe=c.nfe + fused_nfe + d.step + commit_nfe, committed=committed)
+                           nfe=base + fused_nfe + d.step + commit_nfe, committed=committed)
 
     init = BlocksCarry(block=first_block, canvas=canvas, model_state=model_state,
                        done=jnp.zeros((canvas.shape[0],), bool), rng=rng, nfe=nfe,
@@ -221,11 +257,11 @@ def _layout(denoiser: Denoiser, prompt, prompt_mask, settings: BlockSamplerSetti
                         f"{type(denoiser).__name__}")
     prompt = check_request(prompt, settings, BlockSamplerSettings)
     config, s = denoiser.config, settings
-    if denoiser.lead:
-        raise SettingsError(f"model.arch={config.arch!r} predicts each token from the slot before it; the block "
-                            "sampler samples block-diffusion models (sample it with the masked sampler)",
-                            field="model")
     batch, width = prompt.shape
+    if denoiser.lead and width == 0:
+        # Slot 0 of a row is never predicted by a shifted model (no slot before it): it must be a prompt token.
+        raise SettingsError(f"model.arch={config.arch!r} predicts each slot from the slot before it, so slot 0 needs a "
+                            "prompt token; give every row at least one (e.g. a BOS)", field="prompt")
     for name in ("mask_id", "eos_id", "pad_id"):
         value = getattr(s.tokens, name)
         if value is not None and value >= config.vocab_size:
@@ -273,64 +309,112 @@ def _prefix(cache, batch: int):
 
 
 def commit_and_denoise(denoiser: Denoiser, params: Any, cache, finished: jax.Array, block: jax.Array):
-    """The FUSED pass: one forward that commits a finished block and denoises the block after it.
+    """The FUSED pass: one forward that commits finished blocks and denoises the block after them.
 
-    The chunk `[finished ; block]` runs against the cache slots [0, index) under `BlockCausal(L')` over its two
-    blocks: `finished` sees the cache and itself (what a separate COMMIT forward computes), `block` sees the cache,
-    `finished` and itself (what its DENOISE forward computes after that COMMIT).
+    The chunk `[finished ; block]` runs against the cache slots [0, index) under `BlockCausal(L')` over its
+    blocks: `finished` sees the cache and its own blocks up to itself (what a separate COMMIT forward computes, or
+    the block-causal PREFILL when the cache is empty), `block` sees the cache, `finished` and itself (what its
+    DENOISE forward computes after that COMMIT).
 
     Args:
-      cache: the KV cache holding every slot before `finished`, whose first slot is `cache["index"]` (rows are
-        left-aligned, so a slot's index is its rotary position); it needs 2 L' free slots from there (the second
-        block is scratch).
-      finished: int32[B, L'], the finished clean block.
-      block: int32[B, L'], the block after it as the sampler holds it (clean and [MASK] slots).
+      cache: the KV cache holding every slot before `finished`, whose first slot is `cache["index"]` (a multiple
+        of L'; rows are left-aligned, so a slot's index is its rotary position); it needs F + L' free slots from
+        there (the last block is scratch).
+      finished: int32[B, F], F a multiple of L': the finished clean blocks (one block when committing).
+      block: int32[B, L'], the block after them as the sampler holds it (clean and [MASK] slots).
 
     Returns:
-      (logits float32[B, L', V] of `block`, the cache with `finished`'s K/V written and `index` advanced by L').
+      (logits float32[B, L', V] of `block`, position-aligned: row j predicts slot j of `block`; the cache with
+      `finished`'s K/V written and `index` advanced by F). For a shifted model (`denoiser.lead == 1`) the
+      prediction of the block's first slot is the row of the finished block's last slot, computed exactly as its
+      COMMIT computes it.
     """
     batch, length = block.shape
+    width = finished.shape[1]
+    if width % length:
+        raise ValueError(f"commit_and_denoise: finished has {width} slots, not a multiple of the block's {length}")
     index = cache["index"]
     logits, cache = denoiser.forward_cached(
-        params, jnp.concatenate([finished, block], axis=1), positions=_positions(batch, index, 2 * length),
-        cache=cache, update_cache=True, dense_mask=BlockCausal(length).dense(2 * length, 2 * length)[None],
+        params, jnp.concatenate([finished, block], axis=1), positions=_positions(batch, index, width + length),
+        cache=cache, update_cache=True, dense_mask=BlockCausal(length).dense(width + length, width + length)[None],
         cache_ranges=_prefix(cache, batch))
-    # The write covered both blocks; keep the finished one only. The scratch slots' K/V stay (hidden: no range or
-    # key_mask shows them) until the next commit overwrites them.
+    # The write covered the block too; keep the finished ones only. The scratch slots' K/V stay (hidden: no range
+    # or key_mask shows them) until the next commit overwrites them.
     key_mask = jax.lax.dynamic_update_slice(cache["key_mask"], jnp.zeros((batch, length), bool),
-                                            (jnp.int32(0), index + length))
-    return logits[:, length:], dict(cache, index=index + length, key_mask=key_mask)
+                                            (jnp.int32(0), index + width))
+    lead = denoiser.lead
+    return logits[:, width - lead:width + length - lead], dict(cache, index=index + width, key_mask=key_mask)
+
+
+def lead_chunk_mask(length: int) -> np.ndarray:
+    """bool[L' + 1, L' + 1]: `BlockCausal(L')` restricted to the slots [start - 1, start + L') of a block starting
+    at `start`: the lead slot (the previous block's last) sees only itself, the block's slots see the lead slot and
+    the whole block."""
+    return BlockCausal(length).dense(2 * length, 2 * length)[length - 1:, length - 1:]
+
+
+def lead_and_denoise(denoiser: Denoiser, params: Any, cache, lead_token: jax.Array, block: jax.Array, start):
+    """A shifted model's DENOISE pass: the chunk `[lead ; block]` (L' + 1 queries) against the cache.
+
+    The block's slot j is predicted by raw row j - 1, so the chunk starts one slot early with the lead slot (the
+    last slot of the previous, clean block). The cache holds that slot too; the chunk reads [0, start - 1) of it
+    and recomputes the lead under `lead_chunk_mask`, which is what the block-causal mask lets it see (the cache
+    and itself, never the block after it), so its row equals the one its COMMIT computed. Nothing is written.
+
+    Args:
+      cache: the KV cache holding every slot before the block.
+      lead_token: int32[B, 1], the canvas slot `start - 1` (any token when `start == 0`).
+      block: int32[B, L'], the block as the sampler holds it.
+      start: int32 scalar, the block's first slot (a multiple of L').
+
+    Returns:
+      logits float32[B, L', V], position-aligned (row j predicts slot `start + j`). At `start == 0` there is no
+      slot before the block: the lead is then a placeholder hidden from the block, and row 0 (a prediction of slot
+      0, which is always a prompt token) means nothing.
+    """
+    batch, length = block.shape
+    has_lead = start > 0
+    mask = jnp.asarray(lead_chunk_mask(length)).at[1:, 0].set(has_lead)
+    lead = jnp.maximum(start - 1, 0)
+    positions = jnp.concatenate([jnp.broadcast_to(lead, (batch, 1)), _positions(batch, start, length)], axis=1)
+    seen = jnp.broadcast_to(jnp.stack([jnp.int32(0), lead]), (batch, 1, 2))
+    logits, _ = denoiser.forward_cached(params, jnp.concatenate([lead_token, block], axis=1), positions=positions,
+                                        cache=cache, dense_mask=mask[None], cache_ranges=seen)
+    return logits[:, :length]
 
 
 @functools.partial(jax.jit, static_argnames=("denoiser", "settings", "observe", "trace", "fuse_commits"))
 def generate_blocks(denoiser: Denoiser, params: Any, prompt: jax.Array, settings: BlockSamplerSettings,
                     rng: jax.Array, *, prompt_mask: jax.Array | None = None, observe: bool = False,
-                    trace: bool = False, fuse_commits: bool = False):
+                    trace: bool = False, fuse_commits: bool | None = None):
     """Block-diffusion sampling with a KV cache of the prompt and the committed blocks.
 
     Compiled once per (denoiser, settings, prompt shape, prompt_mask given or not, observe, trace, fuse_commits);
     params, prompt values, the prompt mask and rng are traced.
 
     Args:
-      denoiser: static `Denoiser` of the model (not a shifted one).
+      denoiser: static `Denoiser` of the model; a shifted one (`model.arch=dream`) too (see the module docstring).
       params: its parameter pytree.
-      prompt: int[B, W]; rows shorter than `W` are padded (left or right), with `prompt_mask` False there.
+      prompt: int[B, W]; rows shorter than `W` are padded (left or right), with `prompt_mask` False there. A
+        shifted model needs W >= 1 and, per row, at least one real token (slot 0 is never predicted; an empty row
+        under `prompt_mask` cannot be refused inside the compiled program and samples its slot 0 from nothing).
       settings: static `BlockSamplerSettings`.
       rng: PRNG key; consumed when `temperature > 0` or `remasking == "random"`.
       prompt_mask: bool[B, W], True on real prompt tokens; default all True.
       observe: static; hand the canvas to the host after every finished block (`dlmjax.sampling.stream`).
       trace: static; also return the forward pass that committed each slot (see `generate_masked`).
-      fuse_commits: static; commit each finished block in the first forward of the next one (the FUSED pass,
-        see the module docstring) instead of a forward of its own. The same tokens; one forward per visited block
-        fewer; the cache holds one block more (`cache_length` + L' slots).
+      fuse_commits: static; None takes `settings.fuse_commits`. True commits each finished block in the first
+        forward of the next one, and the prompt's prefill denoises the block after it (the FUSED passes, see the
+        module docstring), instead of a forward of its own. The same tokens; fewer forwards; the cache holds one
+        block more (`cache_length` + L' slots).
 
     Returns:
       tokens: int32[B, T]: row i is its prompt (`n_i` tokens, padding removed) followed by its `T - n_i`
         generated slots (`pad_id` after the block in which the row emitted `eos_id`).
-      nfe: int32 scalar, forward passes run: 1 prefill (if some prompt has a full block) + denoising steps +
-        commit passes; fused, the commit passes are only those of visited blocks that took no step (so
-        1 prefill + the steps without EOS; see the module docstring).
+      nfe: int32 scalar, forward passes run (see the module docstring).
     """
+    if fuse_commits is None:
+        fuse_commits = settings.fuse_commits
     if settings.num_blocks == 1:
         # One block (MDLM): nothing is ever cached, so the plain forward over the row is the same program with
         # less work (no empty cache segment in every attention call).
@@ -343,20 +427,42 @@ def generate_blocks(denoiser: Denoiser, params: Any, prompt: jax.Array, settings
     # Fused, a pass writes the block after the committed one too: one scratch block past the committed slots.
     cache = denoiser.init_cache(batch, _cache_length(settings) + (length if fuse_commits else 0))
     nfe = jnp.int32(0)
+    seed = None
     prefill = prompt.shape[1] // length * length  # the prompt width's full blocks (static)
     if prefill:
         has_full_block = jnp.max(lengths) >= length
+        if fuse_commits:
+            # The prefill is a FUSED pass from an empty cache over [the prompt width's full blocks ; the block after
+            # them], block-causal. Block `first_block` (<= the prompt width's full blocks, since the shortest
+            # prompt fits the width) sees the clean prompt blocks before it and itself: its logits there are
+            # exactly its first DENOISE step, whatever the width bucket. Blocks after it hold [MASK] in some rows;
+            # their K/V are rewound below and rewritten before anything reads them.
+            def prefill_pass(cache):
+                chunk = prefill + length
+                raw, cache = denoiser.forward_cached(
+                    params, canvas[:, :chunk], positions=_positions(batch, 0, chunk), cache=cache, update_cache=True,
+                    dense_mask=BlockCausal(length).dense(chunk, chunk)[None],
+                    cache_ranges=jnp.zeros((batch, 0, 2), jnp.int32))  # the cache is empty: nothing to read
+                # Position-aligned rows (a shifted model's row j - 1 predicts slot j; slot 0 has no prediction and is
+                # always a prompt slot, so its row is never read).
+                aligned = jnp.pad(raw, ((0, 0), (denoiser.lead, 0), (0, 0)))[:, :chunk]
+                return jax.lax.dynamic_slice_in_dim(aligned, first_block * length, length, axis=1), cache
 
-        def prefill_pass(cache):
-            # Block-causal inside the prompt: exactly what BD3 training's clean half sees.
-            _, cache = denoiser.forward_cached(
-                params, canvas[:, :prefill], positions=_positions(batch, 0, prefill), cache=cache,
-                dense_mask=BlockCausal(length).dense(prefill, prefill)[None], update_cache=True,
-                cache_ranges=jnp.zeros((batch, 0, 2), jnp.int32))  # the cache is empty: nothing to read
-            return cache
+            shapes = jax.eval_shape(prefill_pass, cache)[0]
+            seed_logits, cache = jax.lax.cond(
+                has_full_block, prefill_pass, lambda cache: (jnp.zeros(shapes.shape, shapes.dtype), cache), cache)
+            seed = (seed_logits, has_full_block)
+        else:
+            def prefill_pass(cache):
+                # Block-causal inside the prompt: exactly what BD3 training's clean half sees.
+                _, cache = denoiser.forward_cached(
+                    params, canvas[:, :prefill], positions=_positions(batch, 0, prefill), cache=cache,
+                    dense_mask=BlockCausal(length).dense(prefill, prefill)[None], update_cache=True,
+                    cache_ranges=jnp.zeros((batch, 0, 2), jnp.int32))  # the cache is empty: nothing to read
+                return cache
 
-        # Padding past the longest prompt would otherwise cost a pass that no row reads.
-        cache = jax.lax.cond(has_full_block, prefill_pass, lambda cache: cache, cache)
+            # Padding past the longest prompt would otherwise cost a pass that no row reads.
+            cache = jax.lax.cond(has_full_block, prefill_pass, lambda cache: cache, cache)
         nfe += has_full_block.astype(jnp.int32)
         # Rewind to the first block some row generates: later entries are rewritten by its commits.
         index = first_block * length
@@ -365,8 +471,12 @@ def generate_blocks(denoiser: Denoiser, params: Any, prompt: jax.Array, settings
                      key_mask=jnp.broadcast_to(jnp.arange(slots) < index, cache["key_mask"].shape))
 
     def block_logits(cache, canvas, block, b):
-        del canvas  # the cache holds everything before the block
-        logits, _ = denoiser.forward_cached(params, block, positions=_positions(batch, b * length, length),
+        start = b * length
+        if denoiser.lead:
+            lead_token = jax.lax.dynamic_slice_in_dim(canvas, jnp.maximum(start - 1, 0), 1, axis=1)
+            return lead_and_denoise(denoiser, params, cache, lead_token, block, start)
+        # The cache holds everything before the block.
+        logits, _ = denoiser.forward_cached(params, block, positions=_positions(batch, start, length),
                                             cache=cache, cache_ranges=_prefix(cache, batch))
         return logits
 
@@ -379,7 +489,7 @@ def generate_blocks(denoiser: Denoiser, params: Any, prompt: jax.Array, settings
             return cache, jnp.int32(0)  # the next block's first pass commits this one
 
         return _sample_blocks(settings, canvas, first_block, rng, cache, nfe, block_logits, no_commit, observe,
-                              trace, fused_logits=fused_logits)
+                              trace, fused_logits=fused_logits, seed=seed)
 
     def commit_block(cache, block, b, skip):
         def write(cache):
@@ -409,6 +519,8 @@ def generate_blocks_uncached(denoiser: Denoiser, params: Any, prompt: jax.Array,
     block_causal = dataclasses.replace(denoiser, mask=BlockCausal(length))
 
     def block_logits(state, canvas, block, b):
+        # Position-aligned logits: for a shifted model the Denoiser takes slot j's from raw row j - 1, which for
+        # the block's first slot is the previous block's last, seeing only the (clean) blocks before this one.
         logits = block_causal(params, jax.lax.dynamic_update_slice(canvas, block, (jnp.int32(0), b * length)))
         return jax.lax.dynamic_slice_in_dim(logits, b * length, length, axis=1)
 
@@ -420,4 +532,4 @@ def generate_blocks_uncached(denoiser: Denoiser, params: Any, prompt: jax.Array,
 
 
 __all__ = ["BlocksCarry", "DenoiseCarry", "block_update", "commit_and_denoise", "generate_blocks",
-           "generate_blocks_uncached"]
+           "generate_blocks_uncached", "lead_and_denoise", "lead_chunk_mask"]

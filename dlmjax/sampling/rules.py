@@ -13,7 +13,8 @@ step budget `S` (static), which the settings own and pass in:
 
 Fixed-count rules commit a number of slots per step that does not depend on the scores (`TransferTable`,
 `DreamTransfer`, `DreamOrigin`); the parallel rules commit every slot that is confident enough, at least one
-per step (`Threshold`, `Factor`, `DreamThreshold`, `EntropyBound`). Ties in confidence go to the lower slot index
+per step (`Threshold`, `Factor`, `DreamThreshold`, `EntropyBound`); `SubBlocks` restricts one of those to the first
+unfinished sub-block of the block (Fast-dLLM v2). Ties in confidence go to the lower slot index
 (a stable sort; `torch.topk` leaves them unspecified).
 """
 from __future__ import annotations
@@ -330,6 +331,50 @@ class DreamThreshold:
         return steps + block_length
 
 
+# The rules `SubBlocks` can restrict: stateless, at least one commit per step wherever a slot is eligible.
+SUB_BLOCK_RULES = (Threshold, Factor, EntropyBound)
+
+
+def current_sub_block(scores: jax.Array, length: int) -> jax.Array:
+    """bool[B, W]: per row, the slots of the first sub-block (slots `[k * length, (k + 1) * length)`) holding an
+    eligible slot (finite score); all False in a row with none."""
+    sub = jnp.arange(scores.shape[-1], dtype=jnp.int32) // length
+    first = jnp.min(jnp.where(scores > -jnp.inf, sub, jnp.iinfo(jnp.int32).max), axis=-1)
+    return sub == first[:, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class SubBlocks:
+    """Fast-dLLM v2's sub-block decoding: a block is finished sub-block by sub-block, left to right. Every step
+    still reads the whole block's logits, but only the first sub-block of `length` slots that holds a masked slot
+    may commit, by the `inner` rule (default `Threshold(0.9)`: its best masked slot plus every masked slot there
+    with confidence >= 0.9). Sub-blocks are counted from the block's first slot; `length` must divide the block
+    length (the settings check it). At least one commit per step, so at most `L'` steps per block."""
+
+    length: int
+    inner: CommitRule = Threshold(0.9)
+
+    def __post_init__(self):
+        check.positive_int("SubBlocks", "length", self.length)
+        if not isinstance(self.inner, SUB_BLOCK_RULES):
+            check.fail("SubBlocks", "inner", self.inner, "use Threshold, Factor or EntropyBound (a rule that commits "
+                       "at least one slot per step and keeps no state)")
+
+    def init(self, n_masked, steps):
+        return self.inner.init(n_masked, steps)
+
+    def commits(self, scores, state, step, key, steps):
+        scores = jnp.where(current_sub_block(scores, self.length), scores, -jnp.inf)
+        return self.inner.commits(scores, state, step, key, steps)
+
+    def more(self, state, step, block_masked, steps):
+        return self.inner.more(state, step, block_masked, steps)
+
+    def max_steps(self, steps: int, block_length: int) -> int:
+        return block_length
+
+
 __all__ = ["CommitRule", "DreamOrigin", "DreamTransfer", "DreamThreshold", "DreamThresholdState", "EntropyBound",
-           "Factor", "TableState", "Threshold", "TransferTable", "dream_transfer_fractions", "ranks", "select_commits",
+           "Factor", "SUB_BLOCK_RULES", "SubBlocks", "TableState", "Threshold", "TransferTable", "current_sub_block",
+           "dream_transfer_fractions", "ranks", "select_commits",
            "select_entropy_bound", "select_factor", "select_sampled", "select_threshold", "transfer_counts"]

@@ -7,8 +7,8 @@ guidance (`guidance`). `BlockSamplerSettings` (the block sampler, `generate_bloc
 
 Both are static arguments of the jitted samplers: frozen, hashable, validated once when built, so a bad
 combination never reaches tracing. The constructors `SamplerSettings.llada(...)`, `SamplerSettings.dream(...)` and
-`BlockSamplerSettings.bd3(...)` take the references' own flat keywords (LLaDA / Fast-dLLM `generate`, Dream
-`diffusion_generate`, BD3-LM's sampler) and build the strategies.
+`BlockSamplerSettings.bd3(...)` / `.v2(...)` take the references' own flat keywords (LLaDA / Fast-dLLM `generate`,
+Dream `diffusion_generate`, BD3-LM's sampler, Fast-dLLM v2's sub-block decoding) and build the strategies.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from dlmjax.sampling.choices import BLOCK_CONFIDENCES, CacheKind, Confidence, Dr
 from dlmjax.sampling.guidance import Guidance
 from dlmjax.sampling.proposals import DreamProposal, LladaProposal, Proposal
 from dlmjax.sampling.rules import (CommitRule, DreamOrigin, DreamTransfer, DreamThreshold, EntropyBound, Factor,
-                                   Threshold, TransferTable)
+                                   SubBlocks, Threshold, TransferTable)
 from dlmjax.sampling.tokens import SpecialTokens
 
 CACHE_MODES: dict[CacheKind, CacheMode] = {CacheKind.NONE: NoCache(), CacheKind.PREFIX: PrefixCache(),
@@ -49,7 +49,8 @@ def _check_parts(owner: str, settings) -> None:
         check.fail(owner, "proposal", settings.proposal, "use a LladaProposal or a DreamProposal")
     if not all(callable(getattr(settings.rule, m, None)) for m in _RULE_METHODS):
         check.fail(owner, "rule", settings.rule, f"use a commit rule (dlmjax.sampling.rules: {list(_RULE_METHODS)})")
-    if isinstance(settings.rule, EntropyBound) and settings.proposal.confidence != Confidence.ENTROPY:
+    inner = settings.rule.inner if isinstance(settings.rule, SubBlocks) else settings.rule
+    if isinstance(inner, EntropyBound) and settings.proposal.confidence != Confidence.ENTROPY:
         # The rule sums the scores as entropies; probabilities or margins would be read as nonsense bounds.
         kind = str(settings.proposal.confidence)
         check.fail(owner, "rule", settings.rule, "EntropyBound needs scores that are negative entropies: a "
@@ -140,6 +141,9 @@ class SamplerSettings:
         if not isinstance(self.guidance, Guidance):
             check.fail(name, "guidance", self.guidance, "use a Guidance(cfg_scale)")
         check.boolean(name, "stop_at_eos", self.stop_at_eos)
+        if isinstance(self.rule, SubBlocks):
+            check.fail(name, "rule", self.rule, "SubBlocks (Fast-dLLM v2's sub-block decoding) runs in the block "
+                       "sampler: use BlockSamplerSettings.v2(...)")
         if self.stop_at_eos and self.tokens.eos_id is None:
             check.fail("SpecialTokens", "eos_id", None, f"{name}.stop_at_eos=True needs the model's eos_id")
         if self.cache.keeps_kv and not (isinstance(self.rule, CACHED_RULES)
@@ -241,8 +245,15 @@ class BlockSamplerSettings:
         step plus every other slot they accept, so a block of `L'` slots takes at most `L'` steps (`DreamThreshold`:
         `S + L'`); `Threshold`, `Factor` and `EntropyBound` run until the block is filled and ignore
         `steps_per_block`.
+        Every rule's block ends as soon as none of its slots is masked in a row that is not done (early stop: a
+        fixed schedule whose budget is larger than the masked slots runs no pass that would commit nothing).
+        `SubBlocks(n, inner)` (Fast-dLLM v2) lets only the first sub-block of `n` slots that holds a masked slot
+        commit, by `inner`.
       cache_length: KV-cache slots per row; None sizes it exactly (`max_length - block_length`: the last block is
         never committed). Too small a value is an error, never a silent overwrite.
+      fuse_commits: `generate_blocks` writes a finished block's K/V in the first forward of the next block (and
+        seeds the first block from the prompt's prefill when it can) instead of in a forward of its own: the same
+        tokens, fewer forwards (see `dlmjax.sampling.block`). Its `fuse_commits=` argument overrides this.
     """
 
     max_length: int
@@ -252,6 +263,7 @@ class BlockSamplerSettings:
     proposal: Proposal = LladaProposal()
     rule: CommitRule = TransferTable()
     cache_length: int | None = None
+    fuse_commits: bool = False
 
     def __post_init__(self):
         if self.steps_per_block is None and check.is_int(self.block_length):
@@ -273,14 +285,19 @@ class BlockSamplerSettings:
                                 f"{self.block_length}; choose a block_length in {divisors} or a max_length that "
                                 f"is a multiple of {self.block_length}", field="max_length")
         _check_parts(name, self)
+        if isinstance(self.rule, SubBlocks) and self.block_length % self.rule.length:
+            divisors = [d for d in range(1, self.block_length + 1) if self.block_length % d == 0]
+            check.fail(name, "rule", self.rule, f"its sub-block length {self.rule.length} must divide block_length="
+                       f"{self.block_length}; use one of {divisors}")
         if self.cache_length is not None:
             check.positive_int(name, "cache_length", self.cache_length)
+        check.boolean(name, "fuse_commits", self.fuse_commits)
 
     @classmethod
     def bd3(cls, *, max_length: int, block_length: int, steps_per_block: int | None = None,
             remasking: str | None = None, threshold: float | None = None, factor: float | None = None,
             entropy_bound: float | None = None, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-            cache_length: int | None = None,
+            cache_length: int | None = None, fuse_commits: bool = False,
             tokens: SpecialTokens | None = None, mask_id: int | None = None, eos_id: int | None = None,
             pad_id: int | None = None) -> "BlockSamplerSettings":
         """Settings in flat keywords: in each block LLaDA's transfer table (`steps_per_block` steps), or with
@@ -289,7 +306,7 @@ class BlockSamplerSettings:
         `entropy_bound` (nats, >= 0) the entropy-bounded rule (`EntropyBound`: each step commits the lowest-entropy
         masked slots whose entropies sum to at most the bound, at least one); one of the three at most. Slots are
         ranked by `remasking` (low_confidence, the default, or random; entropy, the default and the only choice,
-        with `entropy_bound`); proposals at `temperature` with top-k / top-p."""
+        with `entropy_bound`); proposals at `temperature` with top-k / top-p. `fuse_commits`: see the attribute."""
         rule = _parallel_rule(cls.__name__, threshold, factor, entropy_bound) or TransferTable()
         bounded = entropy_bound is not None
         if remasking is None:
@@ -300,7 +317,28 @@ class BlockSamplerSettings:
                                  allowed=allowed)
         proposal = LladaProposal(temperature=temperature, top_k=top_k, top_p=top_p, confidence=remasking)
         return cls(max_length=max_length, block_length=block_length, steps_per_block=steps_per_block,
-                   proposal=proposal, rule=rule, cache_length=cache_length,
+                   proposal=proposal, rule=rule, cache_length=cache_length, fuse_commits=fuse_commits,
+                   tokens=special_tokens(tokens, mask_id=mask_id, eos_id=eos_id, pad_id=pad_id))
+
+    @classmethod
+    def v2(cls, *, max_length: int, block_length: int, sub_block_length: int, threshold: float = 0.9,
+           temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, cache_length: int | None = None,
+           tokens: SpecialTokens | None = None, mask_id: int | None = None, eos_id: int | None = None,
+           pad_id: int | None = None) -> "BlockSamplerSettings":
+        """Fast-dLLM v2 decoding in flat keywords: blocks of `block_length` against the exact block cache, each
+        decoded sub-block by sub-block (`sub_block_length` slots, dividing `block_length`), left to right: every
+        step forwards the whole block, and the first sub-block that still holds a masked slot commits its most
+        confident masked slot plus every masked slot there with confidence >= `threshold` (`SubBlocks(n,
+        Threshold(threshold))`). Commits are fused (`fuse_commits=True`): a finished block enters the cache in
+        the forward that starts the next block; for a shifted model (`model.arch=dream`, Fast-dLLM v2's own
+        convention) the finished block's last row in that forward is the logit that predicts the next block's
+        first slot, v2's "seed". (v2 commits that seed token outright; here the rule decides, from the same
+        logits, together with the rest of the first sub-block.)"""
+        check.positive_int(cls.__name__, "sub_block_length", sub_block_length)  # under the caller's name
+        rule = SubBlocks(sub_block_length, Threshold(threshold))
+        proposal = LladaProposal(temperature=temperature, top_k=top_k, top_p=top_p)
+        return cls(max_length=max_length, block_length=block_length, proposal=proposal, rule=rule,
+                   cache_length=cache_length, fuse_commits=True,
                    tokens=special_tokens(tokens, mask_id=mask_id, eos_id=eos_id, pad_id=pad_id))
 
 

@@ -13,6 +13,11 @@ the workdir is written before the checkpoint restored: a resume that is refused 
 leaves every file as it was, `config.json` included. The first line the run logs (`workdir: DIR`) comes only after
 all of these checks and the restore, so a refused run reports its one error line and nothing else.
 
+Adaptation (`dlmjax.train.adapt`): a run with `train.init_from` and no checkpoint of its own starts its parameters
+from that checkpoint (checked before any data is read); a run that has checkpoints resumes from them and ignores
+it. With `diffusion.block_schedule` the step of each block size is compiled before the loop and step s runs the
+one of `adapt.block_size_at(diffusion, s)`; every step reports the block size it trained with (`block_size`).
+
 Resume and preemption guarantees:
 
 * Rerunning the same command resumes from the newest restorable checkpoint (an unreadable newest step is
@@ -58,10 +63,12 @@ from dlmjax.data.build import data_tokenizer, load_data, per_process
 from dlmjax.evaluate import evaluate, params_for_evaluation
 from dlmjax.models.transformer import count_params
 from dlmjax.sharding import batch_sharding, global_batch, make_mesh, replicated_report
+from dlmjax.train.adapt import block_size_at, block_sizes, check_init_from, diffusion_at, load_init_params
 from dlmjax.train.metrics import process_metrics_writer
 from dlmjax.train.preemption import Preemption, watch_preemption
 from dlmjax.train.result import NAN_LOSS
-from dlmjax.train.state import init_train_state, make_optimizer, param_specs
+from dlmjax.train.state import (abstract_train_state, init_train_state, init_train_state_from, make_optimizer,
+                                param_specs)
 from dlmjax.train.step import host_batch, make_eval_step, make_train_step
 from dlmjax.train.workdir import check_free_space, check_resumable, check_writable, lock_workdir, write_run_files
 
@@ -87,29 +94,44 @@ def train_and_evaluate(cfg: Config, workdir: str | Path, *, log=print, show_exam
 
 def _train_and_evaluate(cfg: Config, workdir: Path, mesh, tokenizer, preempt: Preemption, *, log,
                         show_examples) -> dict:
+    # train.init_from is checked (and later read) only for a run with nothing to resume: a resume ignores it.
+    resuming = _has_checkpoint(workdir / "checkpoints")
+    source = check_init_from(cfg) if cfg.train.init_from and not resuming else None
     data = load_data(cfg, tokenizer)
     tx = make_optimizer(cfg.optim, cfg.train.steps)
     rules = cfg.mesh.rules
-    state, shardings = init_train_state(cfg.model, tx, cfg.train.seed, mesh, rules)
+    like, shardings = abstract_train_state(cfg.model, tx, mesh, rules)  # the restore target: nothing allocated
     train_iter = iter(data.train)
     ckpt = Checkpointer(workdir / "checkpoints", cfg.checkpoint)
-    check_resumable(ckpt, cfg, state, mesh)
-    restored, restored_state = ckpt.restore_latest(state, shardings, data_iter=train_iter)
+    check_resumable(ckpt, cfg, like, mesh)
+    restored, state = ckpt.restore_latest(like, shardings, data_iter=train_iter)
+    if restored is None and source is not None:
+        params = load_init_params(source, cfg, mesh, shardings.params)
+        state = init_train_state_from(params, tx, cfg.train.seed, shardings)
+    elif restored is None:
+        state, _ = init_train_state(cfg.model, tx, cfg.train.seed, mesh, rules)
     # The first line a run prints, once every check has passed: a refused run prints its one error line only.
     log(f"workdir: {workdir}")
     abstract_params, logical = param_specs(cfg.model)
     for entry in replicated_report(abstract_params, shardings.params, mesh, logical_specs=logical, rules=rules):
         log(str(entry))  # one line per parameter every device holds in full although it should not
     if restored is not None:
-        state = restored_state
         log(f"resumed from step {restored} in {ckpt.directory}")
+        if cfg.train.init_from:
+            log("train.init_from ignored: the run resumes from its own checkpoint")
+    elif source is not None:
+        log(f"parameters from {source.path} ({source.kind}); optimizer state and step start fresh")
     write_run_files(workdir, cfg)  # only now: a refused resume has changed nothing
     start = int(restored or 0)
     last_saved = restored
     log(f"model: {count_params(state.params) / 1e6:.2f}M parameters; mesh: {dict(mesh.shape)}")
 
     bsh = batch_sharding(mesh, rules)
-    step_fn = make_train_step(tx, cfg.model, cfg.diffusion, shardings, bsh, rules)
+    # One train step per block size the remaining steps use (diffusion.block_schedule; without one, a single step).
+    step_fns = {size: make_train_step(tx, cfg.model, diffusion_at(cfg.diffusion, size), shardings, bsh, rules)
+                for size in block_sizes(cfg.diffusion, start, cfg.train.steps)}
+    if cfg.diffusion.block_schedule:
+        log("block schedule: " + ", ".join(f"steps < {u}: block {b}" for u, b in cfg.diffusion.block_schedule))
     eval_step = make_eval_step(cfg.model, cfg.diffusion)
     writer = process_metrics_writer(workdir, start)
     if writer.dropped:
@@ -131,10 +153,10 @@ def _train_and_evaluate(cfg: Config, workdir: Path, mesh, tokenizer, preempt: Pr
         if preempt.requested:
             break
         batch = global_batch(host_batch(next(train_iter)), bsh, per_process=per_process(cfg))
-        if compiled is None:  # compile once, before timing starts
-            compiled = step_fn.lower(state, batch).compile()
+        if compiled is None:  # compile every block size's step once, before timing starts
+            compiled = {size: fn.lower(state, batch).compile() for size, fn in step_fns.items()}
             t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
+        state, metrics = compiled[block_size_at(cfg.diffusion, step)](state, batch)
         done = step + 1
         bad = _first_nonfinite(bad, metrics["loss"], metrics["grad_norm"], done)
         preempt.after_step(done)
@@ -192,6 +214,17 @@ def _train_and_evaluate(cfg: Config, workdir: Path, mesh, tokenizer, preempt: Pr
                                    and not isinstance(v, bool) and k != "step"}, prefix="final")
     writer.close()
     return result
+
+
+def _has_checkpoint(directory: Path) -> bool:
+    """`directory` holds a committed checkpoint step (read-only: creates nothing)."""
+    if not directory.is_dir():
+        return False
+    ckpt = Checkpointer(directory, read_only=True)
+    try:
+        return ckpt.latest_step() is not None
+    finally:
+        ckpt.close()
 
 
 @jax.jit

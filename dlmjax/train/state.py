@@ -92,12 +92,27 @@ def _init_state_fn(model_cfg: ModelConfig, tx: optax.GradientTransformation):
     return init
 
 
+def _state_from_params_fn(tx: optax.GradientTransformation):
+    def init(params, rng):
+        _, train_rng = jax.random.split(rng)  # the same training key as `_init_state_fn` draws from this seed
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=train_rng)
+
+    return init
+
+
 def init_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, seed: int, mesh: Mesh,
                      rules: LogicalRules = LOGICAL_RULES):
     """A fresh TrainState created directly in its shardings (no full copy on one device first)."""
     shardings = state_shardings(model_cfg, tx, mesh, rules)
     state = jax.jit(_init_state_fn(model_cfg, tx), out_shardings=shardings)(jax.random.PRNGKey(seed))
     return state, shardings
+
+
+def init_train_state_from(params, tx: optax.GradientTransformation, seed: int, shardings):
+    """A TrainState at step 0 around given `params` (already in `shardings.params`, donated): a fresh optimizer
+    state and the training key a random initialisation with `seed` would have (`train.init_from`)."""
+    fn = jax.jit(_state_from_params_fn(tx), out_shardings=shardings, donate_argnums=0)
+    return fn(params, jax.random.PRNGKey(seed))
 
 
 def abstract_train_state(model_cfg: ModelConfig, tx: optax.GradientTransformation, mesh: Mesh,

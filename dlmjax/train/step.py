@@ -26,6 +26,8 @@ def train_step(state: TrainState, batch, *, tx: optax.GradientTransformation, mo
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+    if diff_cfg.objective == "bd3":  # the block length this compiled step trains with (diffusion.block_schedule)
+        metrics["block_size"] = jnp.int32(diff_cfg.block_size or batch["tokens"].shape[1])
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
@@ -36,7 +38,11 @@ def make_train_step(tx, model_cfg: ModelConfig, diff_cfg: DiffusionConfig, state
 
     With `rules` (the config's `mesh.rules`), the model's activation constraints (`nn.with_logical_constraint`)
     place activations on `batch_sharding.mesh` by those rules; without, they are left to XLA's propagation.
+    `diff_cfg` is one block size's settings: a run with `diffusion.block_schedule` makes one step per size
+    (`dlmjax.train.adapt.diffusion_at`). Compiles are logged as `jit(train_step)`.
     """
+    if diff_cfg.block_schedule:
+        raise ValueError("make_train_step takes one block size's settings: pass adapt.diffusion_at(cfg, size)")
     fn = functools.partial(train_step, tx=tx, model_cfg=model_cfg, diff_cfg=diff_cfg)
     if rules is not None:
         inner = fn
@@ -44,6 +50,8 @@ def make_train_step(tx, model_cfg: ModelConfig, diff_cfg: DiffusionConfig, state
         def fn(state, batch):
             with activation_rules(batch_sharding.mesh, rules):
                 return inner(state, batch)
+
+        fn.__name__ = fn.__qualname__ = "train_step"
 
     return jax.jit(fn, in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
                    donate_argnums=0)
