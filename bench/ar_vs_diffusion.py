@@ -49,6 +49,8 @@ TARGET_TOKENS_PER_FORWARD = 3.0
 
 THRESHOLDS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
 FACTORS = (0.5, 1.0, 2.0)
+V2_SUB_BLOCKS = (2, 4)  # Fast-dLLM v2's sub-block lengths (they divide the block of 8)
+V2_THRESHOLD = 0.9  # its demo's threshold
 D2F_SKIP_THRESHOLDS = (0.7, 0.9, 0.95)
 D2F_WINDOWS = (2, 4)
 
@@ -61,7 +63,8 @@ class BlockDecoding:
     """The exact-cache block sampler (`generate_blocks`, fused commits) with one commit rule.
 
     rule: "one_per_step" (LLaDA's transfer table with L' steps: one slot per forward), "threshold" or "factor"
-    (Fast-dLLM's parallel rules with `value`)."""
+    (Fast-dLLM's parallel rules with `value`), or "v2" (Fast-dLLM v2's sub-block decoding: sub-blocks of `value`
+    slots, left to right, each by the threshold rule at V2_THRESHOLD)."""
 
     rule: str = "one_per_step"
     value: float | None = None
@@ -69,6 +72,9 @@ class BlockDecoding:
     def settings(self, max_length: int, block_length: int, tokens):
         from dlmjax.sampling.settings import BlockSamplerSettings  # noqa: PLC0415
 
+        if self.rule == "v2":
+            return BlockSamplerSettings.v2(max_length=max_length, block_length=block_length, tokens=tokens,
+                                           sub_block_length=int(self.value), threshold=V2_THRESHOLD)
         rule = {self.rule: self.value} if self.rule in ("threshold", "factor") else {}
         return BlockSamplerSettings.bd3(max_length=max_length, block_length=block_length, tokens=tokens,
                                         fuse_commits=True, **rule)
@@ -84,6 +90,8 @@ class BlockDecoding:
 
     @property
     def label(self) -> str:
+        if self.rule == "v2":
+            return f"v2 sub-block {int(self.value)}"
         return self.rule if self.value is None else f"{self.rule}={self.value:g}"
 
 
@@ -134,6 +142,7 @@ def default_settings(with_d2f: bool) -> list[Setting]:
     settings.append(Setting("block", BlockDecoding()))
     settings += [Setting("block", BlockDecoding("threshold", t)) for t in THRESHOLDS]
     settings += [Setting("block", BlockDecoding("factor", f)) for f in FACTORS]
+    settings += [Setting("block", BlockDecoding("v2", n)) for n in V2_SUB_BLOCKS]
     if with_d2f:
         settings += [Setting("d2f", PipelinedDecoding(s, w)) for w in D2F_WINDOWS for s in D2F_SKIP_THRESHOLDS]
     return settings

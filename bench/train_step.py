@@ -23,6 +23,7 @@ from dlmjax.models.transformer import count_params  # noqa: E402
 from dlmjax.sharding import batch_sharding, make_mesh  # noqa: E402
 from dlmjax.train.loop import load_data  # noqa: E402
 from dlmjax.train.state import init_train_state, make_optimizer  # noqa: E402
+from dlmjax.train.adapt import diffusion_at  # noqa: E402
 from dlmjax.train.step import as_batch, make_train_step  # noqa: E402
 
 
@@ -34,7 +35,9 @@ def bench(cfg, steps: int) -> dict:
     it = iter(load_data(cfg)[0])
     batches = [jax.device_put(as_batch(next(it)), bsh) for _ in range(steps)]
     t0 = time.perf_counter()
-    step = make_train_step(tx, cfg.model, cfg.diffusion, shardings, bsh, cfg.mesh.rules).lower(state, batches[0]).compile()
+    # A block-size schedule times the step of the size the run samples with (its last).
+    diffusion = diffusion_at(cfg.diffusion, cfg.diffusion.block_size) if cfg.diffusion.block_schedule else cfg.diffusion
+    step = make_train_step(tx, cfg.model, diffusion, shardings, bsh, cfg.mesh.rules).lower(state, batches[0]).compile()
     compile_s = time.perf_counter() - t0
     state, m = step(state, batches[0])  # warm-up
     jax.block_until_ready(m)

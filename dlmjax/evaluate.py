@@ -31,8 +31,7 @@ from dlmjax.config import Config, apply_overrides
 from dlmjax.data.build import EvalData, load_eval_data, per_process
 from dlmjax.data.pipeline import make_eval_batches
 from dlmjax.data.tasks import heldout
-from dlmjax.inference import sample, sampler_settings, special_tokens
-from dlmjax.sampling import BlockSamplerSettings
+from dlmjax.inference import sample, sampler_name, sampler_settings, special_tokens
 from dlmjax.text import RunText
 
 
@@ -146,7 +145,7 @@ def task_exact_match(cfg: Config, params, task, problems, tokenizer, rng, *, ret
     correct = [task.score(pred, prob) for pred, prob in zip(predictions, problems)]
     n_tokens = tokens_before_eos(generated, tokenizer.eos_id)
     result = {"exact_match": float(np.mean(correct)), "eval_problems": len(problems),
-              "sampler": "block" if isinstance(settings, BlockSamplerSettings) else "masked",
+              "sampler": sampler_name(settings),
               "sample_nfe": nfe, "sample_seconds": round(seconds, 4), "sample_tokens": n_tokens,
               "sample_tokens_per_s": round(n_tokens / seconds, 1)}
     if return_predictions:

@@ -94,6 +94,13 @@ def uses_block_sampler(cfg: Config) -> bool:
     return cfg.diffusion.objective == "bd3"
 
 
+def sampler_name(settings) -> str:
+    """The sampler a settings object runs, as reports name it: block, pipelined (D2F) or masked."""
+    if isinstance(settings, BlockSamplerSettings):
+        return "block"
+    return "pipelined" if isinstance(settings, PipelineSettings) else "masked"
+
+
 # -- special tokens and the tokenizer ---------------------------------------------------------------------------
 
 

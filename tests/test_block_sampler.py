@@ -325,7 +325,7 @@ def test_filter_logits_matches_its_definition(temperature, top_k, top_p):
 
 
 def test_errors_name_the_problem():
-    with pytest.raises(ValueError, match="max_length=10 is not a multiple of block_length=4"):
+    with pytest.raises(ValueError, match="max_length=10 is not allowed; it must be a multiple of block_length=4"):
         make_settings(max_length=10, block_length=4)
     with pytest.raises(ValueError, match="top_p=0"):
         make_settings(max_length=8, block_length=4, top_p=0)

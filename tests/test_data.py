@@ -234,7 +234,7 @@ def test_sudoku_blank_range_validation():
 def test_get_task():
     assert get_task("addition", digits=2) == AdditionTask(2)
     assert isinstance(get_task("sudoku"), SudokuTask)
-    with pytest.raises(ValueError, match=r"task='mult'.*\['addition', 'sudoku'\]"):
+    with pytest.raises(ValueError, match=r"task='mult'.*\['addition', 'sort', 'sudoku'\]"):
         get_task("mult")
     with pytest.raises(ValueError, match=r"\['size'\].*'digits'"):
         get_task("addition", size=3)

@@ -77,9 +77,10 @@ def test_a_bd3_run_on_a_bpe_tokenizer_stops_at_its_own_eos(tmp_path):
     settings = run.settings(len(prompt), SampleRequest(gen_length=12))
     assert isinstance(settings, BlockSamplerSettings) and settings.tokens.eos_id == 0
     rows, nfe = sample_rows(run, [prompt], SampleRequest(gen_length=12))
-    # Prompt = one full block (prefill), then block 1 proposes EOS everywhere in its 4 steps: the row is done, the
-    # two later blocks are never denoised. Stopping at any other id would run 1 + 3 * 4 + 2 commit passes.
-    assert nfe == 1 + 4
+    # Prompt = one full block, then block 1 proposes EOS everywhere in its 4 steps (the first runs in the prompt's
+    # prefill pass: fused commits): the row is done, the two later blocks are never denoised. Stopping at any other
+    # id would run 3 * 4 steps.
+    assert nfe == 4
     assert rows[0][:4] == prompt and rows[0][4:] == [0] * 12
 
 

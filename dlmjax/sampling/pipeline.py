@@ -123,10 +123,7 @@ class PipelineSettings:
         name = type(self).__name__
         for field in ("max_length", "block_length", "window_blocks"):
             check.positive_int(name, field, getattr(self, field))
-        if self.max_length % self.block_length:
-            divisors = [d for d in range(1, self.max_length + 1) if self.max_length % d == 0]
-            check.fail(name, "max_length", self.max_length, f"it must be a multiple of block_length="
-                       f"{self.block_length}; choose a block_length in {divisors}")
+        check.block_grid(name, self.max_length, self.block_length)
         if not 2 <= self.window_blocks <= self.num_blocks:
             allowed = (f"use 2 <= window_blocks <= max_length // block_length = {self.num_blocks}"
                        if self.num_blocks >= 2 else "the row has one block: use the block sampler")

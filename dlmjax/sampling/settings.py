@@ -279,11 +279,7 @@ class BlockSamplerSettings:
         name = type(self).__name__
         for field in ("max_length", "block_length", "steps_per_block"):
             check.positive_int(name, field, getattr(self, field))
-        if self.max_length % self.block_length:
-            divisors = [d for d in range(1, self.max_length + 1) if self.max_length % d == 0]
-            raise SettingsError(f"{name}.max_length={self.max_length} is not a multiple of block_length="
-                                f"{self.block_length}; choose a block_length in {divisors} or a max_length that "
-                                f"is a multiple of {self.block_length}", field="max_length")
+        check.block_grid(name, self.max_length, self.block_length)
         _check_parts(name, self)
         if isinstance(self.rule, SubBlocks) and self.block_length % self.rule.length:
             divisors = [d for d in range(1, self.block_length + 1) if self.block_length % d == 0]

@@ -68,3 +68,11 @@ def open_unit(owner: str, field: str, value) -> None:
 def boolean(owner: str, field: str, value) -> None:
     if not isinstance(value, bool):
         fail(owner, field, value, "use a bool")
+
+
+def block_grid(owner: str, max_length: int, block_length: int) -> None:
+    """Rows of `max_length` slots cut into whole blocks of `block_length` (both already positive ints)."""
+    if max_length % block_length:
+        divisors = [d for d in range(1, max_length + 1) if max_length % d == 0]
+        fail(owner, "max_length", max_length, f"it must be a multiple of block_length={block_length}; choose a "
+             f"block_length in {divisors} or a max_length that is a multiple of {block_length}")
