@@ -19,6 +19,7 @@ The composition with the model lives in `dlmjax.train.objective` (`bd3_loss_term
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 
 import jax
@@ -74,7 +75,7 @@ def monotonic_block_times(u_blocks: jax.Array, block_size: int, clip_min: float 
     `t_0 = lo + (hi - lo) u_0`; block k >= 1 adds an increment `(hi - t_0) / (n - 1) * u_k`, so every increment
     lies in `[0, (hi - t_0) / (n - 1)]` and the last block's time is at most `hi`. Each block's value is repeated
     over its `block_size` tokens and clipped to `[lo, hi]` (a no-op but for rounding). D2F draws `t_0` in
-    `[0.2, 0.7]`; one block (`n = 1`) is just `t_0`. If `clip_min >= 1` and `clip_max >= 1`, `t = 1` everywhere.
+    `[0.2, 0.7]`; one block (`n = 1`) is just `t_0`; `clip_min = clip_max = 1` is `t = 1` everywhere.
 
     Args:
       u_blocks: f32[B, n_blocks] uniforms in [0, 1): column 0 draws `t_0`, column k >= 1 the k-th increment.
@@ -97,20 +98,18 @@ def monotonic_block_times(u_blocks: jax.Array, block_size: int, clip_min: float 
     step = (clip_max - t0) / max(n_blocks - 1, 1)  # the widest increment that keeps the last block <= clip_max
     rises = jnp.cumsum(u[:, 1:], axis=1) * step[:, None]
     t = jnp.concatenate([t0[:, None], t0[:, None] + rises], axis=1)
-    t = jnp.repeat(jnp.clip(t, clip_min, clip_max), block_size, axis=1)
-    if clip_min >= 1.0 and clip_max >= 1.0:
-        return jnp.ones_like(t)
-    return t
+    # clip_min = clip_max = 1 gives t0 = 1 and no rise: t = 1 everywhere (the AR check) without a special case.
+    return jnp.repeat(jnp.clip(t, clip_min, clip_max), block_size, axis=1)
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockTimes:
+class BlockTimes(abc.ABC):
     """How per-block times come from per-(row, block) uniforms (`diffusion.block_times`); hashable, jit-static."""
 
+    @abc.abstractmethod
     def from_uniforms(self, u_blocks: jax.Array, block_size: int, clip_min: float, clip_max: float,
-                      antithetic: bool) -> jax.Array:  # pragma: no cover - abstract
+                      antithetic: bool) -> jax.Array:
         """f32[B, n_blocks] uniforms -> f32[B, n_blocks * block_size] times in [clip_min, clip_max]."""
-        raise NotImplementedError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -90,7 +90,7 @@ from dlmjax.errors import SettingsError
 from kernels_pallas.masks import BlockCausal
 from dlmjax.sampling import stream
 from dlmjax.sampling.denoiser import Denoiser
-from dlmjax.sampling.layout import check_request, mask_like
+from dlmjax.sampling.layout import left_aligned_canvas
 from dlmjax.sampling.proposals import step_keys
 from dlmjax.sampling.settings import BlockSamplerSettings
 
@@ -246,44 +246,16 @@ def _sample_blocks(settings: BlockSamplerSettings, canvas, first_block, rng, mod
 
 
 def _layout(denoiser: Denoiser, prompt, prompt_mask, settings: BlockSamplerSettings):
-    """Validates the request and builds the canvas.
-
-    Returns:
-      canvas int32[B, T]: each row's prompt moved to its left end (order kept), the mask id after it;
-      lengths int32[B]: each row's prompt length.
-    """
+    """Validates the request and builds the canvas (`layout.left_aligned_canvas`): (canvas int32[B, T], prompt
+    lengths int32[B])."""
     if not isinstance(denoiser, Denoiser):
         raise TypeError(f"the block sampler takes a dlmjax.sampling.Denoiser (Denoiser(model_config)), got "
                         f"{type(denoiser).__name__}")
-    prompt = check_request(prompt, settings, BlockSamplerSettings)
-    config, s = denoiser.config, settings
-    batch, width = prompt.shape
-    if denoiser.lead and width == 0:
+    if denoiser.lead and jnp.shape(prompt)[-1] == 0:
         # Slot 0 of a row is never predicted by a shifted model (no slot before it): it must be a prompt token.
-        raise SettingsError(f"model.arch={config.arch!r} predicts each slot from the slot before it, so slot 0 needs a "
-                            "prompt token; give every row at least one (e.g. a BOS)", field="prompt")
-    for name in ("mask_id", "eos_id", "pad_id"):
-        value = getattr(s.tokens, name)
-        if value is not None and value >= config.vocab_size:
-            raise SettingsError(f"BlockSamplerSettings.tokens.{name}={value} is not a token of the model "
-                                f"(vocab_size={config.vocab_size}); use an id in [0, {config.vocab_size})",
-                                field=name)
-    if s.max_length > config.max_seq_len:
-        raise SettingsError(f"BlockSamplerSettings.max_length={s.max_length} exceeds the model context "
-                            f"model.max_seq_len={config.max_seq_len}; use a max_length <= {config.max_seq_len}",
-                            field="max_length")
-    if width >= s.max_length:
-        raise SettingsError(f"the prompt ({width} tokens) leaves nothing to generate within "
-                            f"BlockSamplerSettings.max_length={s.max_length}; shorten the prompt or raise max_length",
-                            field="max_length")
-    prompt_mask = mask_like("prompt_mask", prompt_mask, prompt)
-    # Real tokens first, in order (a stable sort of the padding flag): left or right padding alike.
-    order = jnp.argsort(~prompt_mask, axis=1, stable=True)
-    lengths = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
-    moved = jnp.take_along_axis(prompt.astype(jnp.int32), order, axis=1)
-    moved = jnp.where(jnp.arange(width) < lengths[:, None], moved, jnp.int32(s.tokens.mask_id))
-    canvas = jnp.concatenate([moved, jnp.full((batch, s.max_length - width), s.tokens.mask_id, jnp.int32)], axis=1)
-    return canvas, lengths
+        raise SettingsError(f"model.arch={denoiser.config.arch!r} predicts each slot from the slot before it, so "
+                            "slot 0 needs a prompt token; give every row at least one (e.g. a BOS)", field="prompt")
+    return left_aligned_canvas(denoiser.config, prompt, prompt_mask, settings, BlockSamplerSettings)
 
 
 def _cache_length(settings: BlockSamplerSettings) -> int:

@@ -72,9 +72,9 @@ from dlmjax.sampling import validation as check
 from dlmjax.sampling.block import _positions, _prefix
 from dlmjax.sampling.choices import Confidence, parse_choice
 from dlmjax.sampling.denoiser import Denoiser
-from dlmjax.sampling.layout import check_request, mask_like
+from dlmjax.sampling.layout import left_aligned_canvas
 from dlmjax.sampling.proposals import LladaProposal, step_keys
-from dlmjax.sampling.rules import ranks
+from dlmjax.sampling.rules import select_threshold
 from dlmjax.sampling.settings import special_tokens
 from dlmjax.sampling.tokens import SpecialTokens
 from kernels_pallas.masks import BlockCausal
@@ -228,9 +228,10 @@ def _window_commits(settings: PipelineSettings, logits, window, active, fully, g
     shape = (batch, s.window_blocks, s.block_length)
     eligible = (window == mask_id).reshape(shape) & active[..., None]
     scores = jnp.where(eligible, scores.reshape(shape), -jnp.inf)
-    sure = eligible & (scores >= s.skip_threshold)
-    best = eligible & (ranks(scores) == 0)
-    commits = sure | (best & (fully & ~jnp.any(sure, axis=-1))[..., None])
+    # A fully activated block takes the threshold rule (its best slot at least); any other active block only the
+    # slots at or above the threshold.
+    commits = jnp.where(fully[..., None], select_threshold(scores, s.skip_threshold),
+                        eligible & (scores >= s.skip_threshold))
     return jnp.where(commits.reshape(batch, width), proposal, window)
 
 
@@ -316,34 +317,13 @@ def _pipeline(settings: PipelineSettings, canvas, lengths, start, rng, model_sta
 
 def _layout(denoiser: Denoiser, prompt, prompt_mask, settings: PipelineSettings):
     """Validates the request; returns (canvas int32[B, T] with each row's prompt moved left and [MASK] after it,
-    lengths int32[B])."""
+    lengths int32[B]) (`layout.left_aligned_canvas`)."""
     if not isinstance(denoiser, Denoiser):
         raise TypeError(f"the pipelined sampler takes a dlmjax.sampling.Denoiser, got {type(denoiser).__name__}")
-    prompt = check_request(prompt, settings, PipelineSettings)
-    config, s = denoiser.config, settings
-    name = type(s).__name__
     if denoiser.lead:
-        raise SettingsError(f"model.arch={config.arch!r} predicts each token from the slot before it; the "
+        raise SettingsError(f"model.arch={denoiser.config.arch!r} predicts each token from the slot before it; the "
                             "pipelined sampler samples block-diffusion models", field="model")
-    for field in ("mask_id", "eos_id", "pad_id"):
-        value = getattr(s.tokens, field)
-        if value is not None and value >= config.vocab_size:
-            raise SettingsError(f"{name}.tokens.{field}={value} is not a token of the model (vocab_size="
-                                f"{config.vocab_size}); use an id in [0, {config.vocab_size})", field=field)
-    if s.max_length > config.max_seq_len:
-        raise SettingsError(f"{name}.max_length={s.max_length} exceeds the model context model.max_seq_len="
-                            f"{config.max_seq_len}; use a max_length <= {config.max_seq_len}", field="max_length")
-    batch, width = prompt.shape
-    if width >= s.max_length:
-        raise SettingsError(f"the prompt ({width} tokens) leaves nothing to generate within {name}.max_length="
-                            f"{s.max_length}; shorten the prompt or raise max_length", field="max_length")
-    prompt_mask = mask_like("prompt_mask", prompt_mask, prompt)
-    order = jnp.argsort(~prompt_mask, axis=1, stable=True)  # real tokens first, in order: left or right padding
-    lengths = jnp.sum(prompt_mask, axis=1, dtype=jnp.int32)
-    moved = jnp.take_along_axis(prompt.astype(jnp.int32), order, axis=1)
-    moved = jnp.where(jnp.arange(width) < lengths[:, None], moved, jnp.int32(s.tokens.mask_id))
-    canvas = jnp.concatenate([moved, jnp.full((batch, s.max_length - width), s.tokens.mask_id, jnp.int32)], axis=1)
-    return canvas, lengths
+    return left_aligned_canvas(denoiser.config, prompt, prompt_mask, settings, PipelineSettings)
 
 
 @functools.partial(jax.jit, static_argnames=("denoiser", "settings", "observe", "trace"))

@@ -50,9 +50,10 @@ def select_commits(scores: jax.Array, k: jax.Array) -> jax.Array:
 
 
 def select_threshold(scores: jax.Array, threshold: float) -> jax.Array:
-    """Fast-dLLM's threshold rule: the best eligible slot, plus every eligible slot with score >= threshold."""
+    """Fast-dLLM's threshold rule over the last axis (a block's slots): the best eligible slot, plus every eligible
+    slot with score >= threshold."""
     # argmax takes the first of equal maxima: the slot `ranks` puts first, without its two sorts per step.
-    best = jnp.arange(scores.shape[-1]) == jnp.argmax(scores, axis=-1)[:, None]
+    best = jnp.arange(scores.shape[-1]) == jnp.argmax(scores, axis=-1)[..., None]
     return (scores > -jnp.inf) & (best | (scores >= threshold))
 
 

@@ -12,6 +12,7 @@ mask). Shifted models (Dream) are scored one row early (`dlmjax.diffusion.block.
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 
 import jax
@@ -49,16 +50,16 @@ def _metrics(loss, logits, x0, is_masked):
 
 
 @dataclasses.dataclass(frozen=True)
-class BlockContext:
+class BlockContext(abc.ABC):
     """What the bd3 model reads, and so what each block is conditioned on (`diffusion.context`); jit-static."""
 
+    @abc.abstractmethod
     def raw_logits(self, model_cfg: ModelConfig, params, xt, x0, valid_mask, block_size: int, packing: dict):
         """Raw logits (noisy stream f32[B, L, V], clean stream f32[B, L, V]) of one forward pass.
 
         Args: xt, x0 int[B, L]; valid_mask bool[B, L]; block_size L'; packing: the batch's `positions` /
         `segment_ids` ([B, L]) if it has them.
         """
-        raise NotImplementedError  # pragma: no cover - abstract
 
 
 @dataclasses.dataclass(frozen=True)
